@@ -1,0 +1,154 @@
+"""Run configuration: dataclasses loaded from YAML, with `--set key=value` overrides.
+
+One resolved `Config` describes a run completely; it is saved next to every checkpoint and
+printed into every metrics file, so a result can always be traced to its settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used as given."""
+
+
+@dataclass
+class DataConfig:
+    format: str = "css"
+    root: str = "data/css-demo"
+    # Fraction of training *source images* held out as the validation split for checkpoint selection.
+    val_fraction: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tirg"
+    embed_dim: int = 512
+    image_backbone: str = "resnet18"
+    # "default" = the backbone's offline default (bundled ImageNet weights where a package ships
+    # them, random init otherwise), null = random init, or a local file path.
+    image_weights: str | None = "default"
+    backbone_upto: str | None = None
+    pooling: str = "gap"
+    freeze_backbone: bool = False
+    # Backbone map size (h, w) that "flatten" pooling needs; filled in by the trainer from the data.
+    map_size: list[int] | None = None
+    text_encoder: str = "lstm"
+    # Method-specific switches, passed to the method's constructor (e.g. TIRG's `gate_layers`).
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "soft_triplet"
+    batch_size: int = 32
+    iterations: int = 160_000
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-6
+    # Learning-rate multiplier of a trainable pretrained backbone (TIRG: 1.0 on CSS, 0.1 elsewhere).
+    backbone_lr_mult: float = 1.0
+    lr_decay_every: int | None = None
+    lr_decay_factor: float = 0.1
+    eval_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    # Train from backbone feature maps computed once (only possible with a frozen backbone).
+    cache_features: bool = True
+
+
+@dataclass
+class ProtocolConfig:
+    name: str = "css"
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
+    remove_reference: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Numbers given as text (YAML reads `1e-3` as a string) become the field's number type."""
+    accepts = set(typing.get_args(hint)) or {hint}
+    if value is None or type(value) in accepts or bool in accepts or not isinstance(value, (str, int)):
+        return value
+    for number_type in (int, float):
+        if number_type in accepts:
+            try:
+                return number_type(value)
+            except ValueError:
+                raise ConfigError(f"config key '{key}' needs a number, got {value!r}") from None
+    return value
+
+
+def _merge(instance: Any, values: dict[str, Any], where: str) -> None:
+    """Set dataclass fields from a nested dict, rejecting keys the dataclass does not have."""
+    known = {f.name: f for f in dataclasses.fields(instance)}
+    hints = typing.get_type_hints(type(instance))
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key '{where}{key}' (known: {', '.join(sorted(known))})")
+        current = getattr(instance, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{where}{key}' is a section and needs a mapping, got {value!r}")
+            _merge(current, value, f"{where}{key}.")
+        else:
+            setattr(instance, key, _coerce(hints[key], value, f"{where}{key}"))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn `a.b=value` into `{"a": {"b": value}}`; the value is parsed as YAML (so 1e-3, true, null work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{text}' has an empty key")
+    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Defaults, then `base` (e.g. a checkpoint's saved config), then the YAML file, then overrides."""
+    config = Config()
+    if base:
+        _merge(config, base, "")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__})") from error
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        _merge(config, loaded, "")
+    for text in overrides or []:
+        _merge(config, parse_override(text), "")
+    return config

@@ -1,0 +1,75 @@
+"""What the model sees of a split's images: decoded pixels held in memory, or cached backbone maps.
+
+CSS-size images are tiny, so decoding each once and keeping uint8 tensors beats reading PNGs
+every step. With a frozen backbone, its feature maps are computed once (eval mode, the same
+preprocessing as evaluation) and training runs on them, skipping the backbone entirely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cirlab.data.css import load_image
+from cirlab.encoders.image import IMAGENET_MEAN, IMAGENET_STD, ImageEncoder
+
+
+class ImageBatches(Protocol):
+    """Anything that hands out model-ready batches of a split's images by index."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor: ...
+
+
+class PixelImages:
+    """All images of a split decoded into one uint8 tensor; batches come out ImageNet-normalised."""
+
+    def __init__(self, paths: Sequence[Path], progress: bool = True) -> None:
+        arrays = [np.asarray(load_image(path).convert("RGB"))
+                  for path in tqdm(paths, desc="decoding images", unit="img", disable=not progress)]
+        sizes = {array.shape for array in arrays}
+        if len(sizes) > 1:
+            raise ValueError(f"images of one split must share a size, found {sorted(sizes)}")
+        self.pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def batch(self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        pixels = self.pixels[torch.as_tensor(indices)].to(device, non_blocking=True).float().div_(255)
+        return (pixels - self._mean.to(device)) / self._std.to(device)
+
+
+class CachedMaps:
+    """Backbone feature maps of every image, computed once in eval mode, stored in float16."""
+
+    def __init__(self, encoder: ImageEncoder, images: PixelImages, device: torch.device | str,
+                 batch_size: int = 256, progress: bool = True) -> None:
+        maps = []
+        was_training = encoder.backbone.training
+        encoder.backbone.eval()
+        with torch.no_grad():
+            for start in tqdm(range(0, len(images), batch_size), desc="caching backbone features",
+                              unit="batch", disable=not progress):
+                indices = range(start, min(start + batch_size, len(images)))
+                maps.append(encoder.backbone(images.batch(indices, device)).half().cpu())
+        encoder.backbone.train(was_training)
+        self.maps = torch.cat(maps)
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    @property
+    def map_size(self) -> tuple[int, int]:
+        return tuple(self.maps.shape[2:])
+
+    def batch(self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        return self.maps[torch.as_tensor(indices)].to(device, non_blocking=True).float()

@@ -1,0 +1,66 @@
+"""The model contract every cirlab method honours (see ARCHITECTURE.md).
+
+    state  = model.encode_queries(reference_images, texts)
+    feats  = model.encode_targets(images)
+    scores = model.score(state, feats)          # B x N, exact
+
+Images are pixel batches (B x 3 x H x W) or, with a frozen backbone, the backbone's cached
+feature maps; the image encoder tells them apart (see `ImageEncoder.feature_map`).
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cirlab.encoders.image import ImageEncoder
+from cirlab.encoders.text import TextEncoder
+
+
+class ScaledNormalization(nn.Module):
+    """TIRG's NormalizationLayer: f -> s * f / ||f||, one learnable scale shared by both sides.
+
+    Used only inside the training loss; retrieval ranks by cosine, which the scale does not change.
+    """
+
+    def __init__(self, initial_scale: float = 4.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(initial_scale)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(features, dim=-1)
+
+
+class CIRModel(nn.Module, metaclass=ABCMeta):
+    """Base class: a query side, a target side and an exact score between them."""
+
+    def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.normalization = ScaledNormalization()
+
+    @abstractmethod
+    def encode_queries(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """One query state per (reference image, text) pair."""
+
+    def encode_targets(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(images)
+
+    def score(self, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of every query with every target (B x N)."""
+        return F.normalize(queries, dim=-1) @ F.normalize(targets, dim=-1).T
+
+
+class VectorCompositionModel(CIRModel):
+    """A model whose query is `compose(image vector, text vector)`."""
+
+    def encode_queries(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return self.compose(self.image_encoder(images), self.text_encoder(texts))
+
+    @abstractmethod
+    def compose(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Fuse B x D image and text features into B x D query features."""
