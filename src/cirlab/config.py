@@ -126,7 +126,10 @@ def parse_override(text: str) -> dict[str, Any]:
     parts = dotted.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override '{text}' has an empty key")
-    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{text}': the value is not valid YAML") from None
     for part in reversed(parts):
         value = {part: value}
     return value

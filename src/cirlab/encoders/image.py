@@ -1,0 +1,193 @@
+"""Image backbones (feature maps) and the TIRG-style image encoder on top of them."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torchvision.models import resnet18
+
+from cirlab.encoders.efficientnet_lite import EfficientNetLite0, default_weights_path
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+RESNET18_ENDS: dict[str, int] = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
+BACKBONES: tuple[str, ...] = ("resnet18", "efficientnet_lite0")
+POOLINGS: tuple[str, ...] = ("gap", "flatten")
+FLATTEN_CHANNELS = 64
+
+
+class Backbone(nn.Module):
+    """A convolutional trunk mapping pixels B x 3 x H x W to a map B x C x h x w."""
+
+    def __init__(self, trunk: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.trunk(x)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from ``.safetensors`` or ``.pth``/``.pt`` (tensors only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".pth", ".pt"):
+        raise ValueError(f"unsupported weights file type {suffix!r} (use .safetensors, .pth or .pt): {path}")
+    try:
+        if suffix == ".safetensors":
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt or foreign files raise many different types
+        raise ValueError(f"cannot read weights file {path}: {err}") from err
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"weights file {path} does not hold a flat state dict of tensors")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | Path, ignore_prefix: str) -> None:
+    """Load a state-dict file into ``model``; keys under ``ignore_prefix`` (the
+    classifier) may be present or absent, every other key must match exactly.
+    Raises ValueError naming the file on any mismatch."""
+    state = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(ignore_prefix)}
+    expected = {k for k in model.state_dict() if not k.startswith(ignore_prefix)}
+    # Old BN checkpoints lack num_batches_tracked; BatchNorm's loader fills it in.
+    missing = sorted(k for k in expected - state.keys() if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights file {path} does not fit the model: "
+            f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"weights file {path} does not fit the model: {err}") from err
+
+
+def _resnet18_backbone(weights: str | None, upto: str | None) -> Backbone:
+    """torchvision ResNet-18 trunk (stem + layer1..upto, no avgpool/fc).
+
+    No ResNet weights are available offline, so ``weights="default"`` is the same
+    as ``None``: torchvision's random initialisation. Pass a local file for
+    pretrained weights (torchvision key layout; ``fc.*`` is ignored).
+    """
+    upto = upto or "layer4"
+    if upto not in RESNET18_ENDS:
+        raise ValueError(f"unknown resnet18 trunk end {upto!r}; known: {', '.join(RESNET18_ENDS)}")
+    net = resnet18(weights=None)
+    if weights not in (None, "default"):
+        load_weights(net, weights, ignore_prefix="fc.")
+    names = ["conv1", "bn1", "relu", "maxpool", *list(RESNET18_ENDS)[: list(RESNET18_ENDS).index(upto) + 1]]
+    # Keeping torchvision's child names keeps the trunk's state-dict keys familiar.
+    trunk = nn.Sequential(OrderedDict((name, getattr(net, name)) for name in names))
+    return Backbone(trunk, RESNET18_ENDS[upto])
+
+
+def _efficientnet_lite0_backbone(weights: str | None, upto: str | None) -> Backbone:
+    """EfficientNet-Lite0 trunk; ``weights="default"`` = the bundled ImageNet weights."""
+    net = EfficientNetLite0()
+    trunk, channels = net.trunk(upto or "head")  # validates upto before any file is read
+    if weights is not None:
+        load_weights(net, default_weights_path() if weights == "default" else weights, ignore_prefix="_fc.")
+    return Backbone(trunk, channels)
+
+
+def create_backbone(name: str, weights: str | None = "default", upto: str | None = None) -> Backbone:
+    """Build a backbone by name ("resnet18" or "efficientnet_lite0").
+
+    weights: None = random init, "default" = the backbone's offline default
+    (resnet18: random init, as no ResNet weights are available offline;
+    efficientnet_lite0: the bundled ImageNet weights), or a local file path.
+    upto: where to cut the trunk (resnet18: "layer1".."layer4", default "layer4";
+    efficientnet_lite0: "stage1".."stage7" or "head", default "head").
+    """
+    if name == "resnet18":
+        return _resnet18_backbone(weights, upto)
+    if name == "efficientnet_lite0":
+        return _efficientnet_lite0_backbone(weights, upto)
+    raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+
+
+class ImageEncoder(nn.Module):
+    """Backbone map -> pooled image feature of size ``out_dim``.
+
+    pooling="gap": global average pool then Linear(C -> out_dim), exactly TIRG's
+    image feature (no norm, no nonlinearity).
+    pooling="flatten": 1x1 conv (C -> 64) + ReLU, flatten, Linear(64*h*w -> out_dim).
+    It keeps *where* things are, which GAP discards; this matters when the
+    backbone is frozen and cannot learn to encode position into channels.
+    Needs ``map_size`` = (h, w) of the backbone map.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        out_dim: int = 512,
+        pooling: str = "gap",
+        map_size: tuple[int, int] | None = None,
+        freeze_backbone: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.out_dim = out_dim
+        self.pooling = pooling
+        self.map_size = map_size
+        self.freeze_backbone = freeze_backbone
+        channels = backbone.out_channels
+        if pooling == "gap":
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, out_dim))
+        elif pooling == "flatten":
+            if map_size is None:
+                raise ValueError('pooling="flatten" needs map_size=(h, w) of the backbone feature map')
+            h, w = map_size
+            self.head = nn.Sequential(
+                nn.Conv2d(channels, FLATTEN_CHANNELS, 1),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.Linear(FLATTEN_CHANNELS * h * w, out_dim),
+            )
+        else:
+            raise ValueError(f"unknown pooling {pooling!r}; known: {', '.join(POOLINGS)}")
+        if freeze_backbone:
+            backbone.requires_grad_(False)
+            backbone.eval()
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()  # frozen BN statistics must not drift
+        return self
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        """Backbone map for pixels (B x 3 x H x W), or ``x`` itself when it already
+        is a cached backbone map (B x out_channels x h x w)."""
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D batch, got shape {tuple(x.shape)}")
+        channels = self.backbone.out_channels
+        if x.shape[1] == channels and channels != 3:
+            return x
+        if x.shape[1] != 3:
+            raise ValueError(f"expected 3 (pixels) or {channels} (cached map) channels, got {x.shape[1]}")
+        if self.freeze_backbone:
+            with torch.no_grad():  # no backbone gradients needed; saves activation memory
+                return self.backbone(x)
+        return self.backbone(x)
+
+    def pool(self, fmap: Tensor) -> Tensor:
+        """B x C x h x w map -> B x out_dim."""
+        if self.pooling == "flatten" and tuple(fmap.shape[-2:]) != tuple(self.map_size):
+            raise ValueError(f"feature map size {tuple(fmap.shape[-2:])} != map_size {tuple(self.map_size)}")
+        return self.head(fmap)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.feature_map(x))
