@@ -46,3 +46,24 @@ def test_concat_shapes_and_uses_both_inputs():
     assert out.shape == (5, 3)
     assert not torch.allclose(out, model.compose(x, t + 1))
     assert not torch.allclose(out, model.compose(x + 1, t))
+
+
+def test_tirg_lastconv_composes_on_the_map_and_pools_with_the_encoder():
+    from cirlab.encoders.image import Backbone, ImageEncoder
+    from cirlab.models.tirg import TIRGLastConv
+
+    class FixedText(nn.Module):
+        def forward(self, texts):
+            return torch.ones(len(texts), 4)
+
+    encoder = ImageEncoder(Backbone(nn.Identity(), out_channels=6), out_dim=4, pooling="gap").eval()
+    model = TIRGLastConv(encoder, FixedText(), embed_dim=4).eval()
+    with torch.no_grad():  # gate logits 0 -> sigmoid 1/2; residual 0: the composed map is half the input map
+        for branch in (model.gate, model.residual):
+            branch[3].weight.zero_()
+            branch[3].bias.zero_()
+    feature_map = torch.randn(2, 6, 3, 3)
+    out = model.encode_queries(feature_map, ["a", "b"])
+    assert out.shape == (2, 4)
+    assert torch.allclose(out, encoder.pool(0.5 * feature_map), atol=1e-6)
+    assert torch.allclose(model.encode_targets(feature_map), encoder(feature_map))

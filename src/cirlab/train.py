@@ -173,6 +173,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         sampler.restore(checkpoint.trainer_state["sampler"])
         triplet_rng.set_state(checkpoint.trainer_tensors["rng.triplets"])
         torch.set_rng_state(checkpoint.trainer_tensors["rng.torch"])
+        if device.type == "cuda" and "rng.cuda" in checkpoint.trainer_tensors:
+            torch.cuda.set_rng_state(checkpoint.trainer_tensors["rng.cuda"], device)
         start_step, best = checkpoint.trainer_state["step"], checkpoint.trainer_state["best_val"]
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,6 +215,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             trainer_tensors, optimizer_meta = optimizer_to_tensors(optimizer)
             trainer_tensors["rng.triplets"] = triplet_rng.get_state()
             trainer_tensors["rng.torch"] = torch.get_rng_state()
+            if device.type == "cuda":  # dropout draws from the device's own generator
+                trainer_tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
             save_checkpoint(run_dir / LAST, model, config, vocab, trainer_tensors,
                             {"step": done, "best_val": best, "optimizer": optimizer_meta,
                              "sampler": sampler.state()})
