@@ -82,9 +82,10 @@ def _image_tag(path: Path, caption: str, css_class: str = "") -> str:
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: .3rem .6rem; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
 .query { display: flex; align-items: center; gap: .6rem; margin: 1rem 0; flex-wrap: wrap; }
 figure { margin: 0; text-align: center; font-size: .8rem; }
-figure img { width: 96px; height: 96px; image-rendering: pixelated; border: 3px solid transparent; }
+figure img { width: 96px; height: 96px; image-rendering: pixelated; border: 3px solid #e2e2e2; }
 figure.hit img { border-color: #1a9c3a; } figure.reference img { border-color: #888; }
 .text { font-weight: 600; min-width: 14rem; }
 """
