@@ -14,8 +14,19 @@ import numpy as np
 import pytest
 from numpy.lib import format as npy_format
 
-from cirlab.data.css import (COLOURS, DATA_FILE, GRID_CELLS, SHAPES, SIZES, CSSSplit, generate_css, load_css,
-                             load_image, object_mask, render_scene)
+from cirlab.data.css import (
+    COLOURS,
+    DATA_FILE,
+    GRID_CELLS,
+    SHAPES,
+    SIZES,
+    CSSSplit,
+    generate_css,
+    load_css,
+    load_image,
+    object_mask,
+    render_scene,
+)
 from cirlab.data.errors import DataFormatError
 from cirlab.data.regions import mask_box, read_edit_regions
 

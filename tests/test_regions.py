@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from cirlab.data.errors import DataFormatError
-from cirlab.data.regions import (EditRegion, decode_rle, encode_rle, mask_box, read_edit_regions,
-                                 write_edit_regions)
+from cirlab.data.regions import EditRegion, decode_rle, encode_rle, mask_box, read_edit_regions, write_edit_regions
 
 
 def _square_mask() -> np.ndarray:

@@ -14,14 +14,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cirlab.config import ProtocolConfig
-from cirlab.data.records import RetrievalSplit
 from cirlab.checkpoint import load_checkpoint
-from cirlab.files import atomic_write_text
+from cirlab.config import ProtocolConfig
 from cirlab.data.benchmarks import load_splits
+from cirlab.data.records import RetrievalSplit
 from cirlab.data.tensors import ImageBatches, PixelImages
-from cirlab.models.base import CIRModel
 from cirlab.devices import resolve_device
+from cirlab.files import atomic_write_text
+from cirlab.models.base import CIRModel
+
 
 @dataclass(frozen=True)
 class Protocol:

@@ -20,8 +20,8 @@ from cirlab.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer
 from cirlab.config import Config
 from cirlab.data.benchmarks import load_splits
 from cirlab.data.records import RetrievalSplit, carve_validation
-from cirlab.devices import resolve_device
 from cirlab.data.tensors import CachedMaps, ImageBatches, PixelImages
+from cirlab.devices import resolve_device
 from cirlab.encoders.image import create_backbone
 from cirlab.encoders.text import Vocabulary
 from cirlab.evaluate import css_protocol, evaluate_split

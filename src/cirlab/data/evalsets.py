@@ -1,0 +1,189 @@
+"""Benchmark-independent evaluation sets: queries with resolved hit rules, and Recall@K over them.
+
+Every reader (FashionIQ, CIRR, Shoes, Fashion200k, MIT-States, folder) reduces its benchmark to an
+`EvalSet`: an ordered gallery, one `EvalQuery` per official query with the hit rule already resolved
+into explicit target ids, and a `protocol` dict recording every choice that changes the numbers.
+The metrics here then need no benchmark knowledge.
+
+Several texts per query (FashionIQ "symmetric" caption joining): the caller scores each variant
+(`EvalSet.texts(v)` for v in `range(EvalSet.text_variants)`) and averages the score matrices with
+`average_variant_scores` before computing recall.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cirlab.data.errors import DataFormatError
+
+
+@dataclass(frozen=True)
+class Triplet:
+    """A training example: reference image id, modification text, target image id."""
+
+    reference: str
+    text: str
+    target: str
+
+
+@dataclass(frozen=True)
+class EvalQuery:
+    reference: str                          # image id
+    text: str                               # what the model sees (captions joined per the protocol)
+    targets: frozenset[str]                 # gallery ids that count as a hit; empty where labels are withheld
+    excluded: frozenset[str]                # gallery ids removed from this query's ranking
+    subset: tuple[str, ...] | None = None   # CIRR: the other members of the query's image set
+    query_id: str | None = None             # e.g. the CIRR pairid, for submission files
+    text_variants: tuple[str, ...] = ()     # if set: all texts whose score matrices are averaged ([0] == text)
+
+
+@dataclass
+class EvalSet:
+    benchmark: str
+    split: str
+    gallery: list[str]                      # ordered image ids; score matrices use this column order
+    image_paths: dict[str, Path]            # every image id of the gallery and the queries
+    queries: list[EvalQuery]
+    protocol: dict[str, Any]                # every choice that changes the numbers
+    ks: tuple[int, ...]
+
+    def describe(self) -> str:
+        """One line stating the protocol."""
+        choices = "; ".join(f"{key} = {value}" for key, value in self.protocol.items())
+        return (f"{self.benchmark} {self.split}: {choices}; Recall@K for K in {list(self.ks)} "
+                f"({len(self.queries)} queries, gallery of {len(self.gallery)})")
+
+    @property
+    def text_variants(self) -> int:
+        """How many texts each query has (their score matrices are averaged); 1 for most protocols."""
+        return max((len(q.text_variants) for q in self.queries), default=1) or 1
+
+    def texts(self, variant: int = 0) -> list[str]:
+        """The text of every query for one variant, in query order."""
+        if not 0 <= variant < self.text_variants:
+            raise IndexError(f"variant {variant} out of range: this set has {self.text_variants}")
+        return [q.text_variants[variant] if q.text_variants else q.text for q in self.queries]
+
+
+def average_variant_scores(per_variant: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
+    """Mean of the Q x G score matrices of each text variant (FashionIQ "symmetric")."""
+    return np.mean([_as_array(scores) for scores in per_variant], axis=0)
+
+
+def _as_array(scores: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().to("cpu", torch.float64).numpy()
+    return np.array(scores, dtype=np.float64)  # a copy: exclusions are written into it
+
+
+def _columns(ids: Iterable[str], column: Mapping[str, int], what: str, index: int) -> list[int]:
+    try:
+        return [column[i] for i in ids]
+    except KeyError as error:
+        raise ValueError(f"query {index}: {what} id {error.args[0]!r} is not in the gallery") from None
+
+
+def _checked_scores(scores: np.ndarray | torch.Tensor, evalset: EvalSet) -> np.ndarray:
+    array = _as_array(scores)
+    expected = (len(evalset.queries), len(evalset.gallery))
+    if array.shape != expected:
+        raise ValueError(f"scores have shape {array.shape}, expected (queries, gallery) = {expected}")
+    unlabelled = sum(1 for q in evalset.queries if not q.targets)
+    if unlabelled:
+        raise ValueError(f"{evalset.benchmark} {evalset.split}: {unlabelled} of {len(evalset.queries)} queries have "
+                         "no targets (labels withheld); this split can only be scored by its test server")
+    return array
+
+
+def _best_rank(row: np.ndarray, candidates: list[int], targets: list[int]) -> float:
+    """0-based rank of the best target among `candidates`; ties broken by gallery order."""
+    order = sorted(candidates, key=lambda c: (-row[c], c))
+    ranks = [order.index(t) for t in targets if t in candidates]
+    return min(ranks, default=float("inf"))
+
+
+def _target_ranks(array: np.ndarray, evalset: EvalSet) -> np.ndarray:
+    """0-based rank of each query's best target over the gallery minus its excluded ids."""
+    column = {image: c for c, image in enumerate(evalset.gallery)}
+    ranks = np.empty(len(evalset.queries))
+    for index, (row, query) in enumerate(zip(array, evalset.queries)):
+        excluded = _columns(query.excluded, column, "excluded", index)
+        targets = [t for t in _columns(query.targets, column, "target", index) if t not in excluded]
+        row[excluded] = -np.inf
+        if not targets:
+            ranks[index] = np.inf
+            continue
+        best = max(row[targets])
+        # Stable ordering: an equal score ranks ahead only if it comes earlier in the gallery.
+        first = min(t for t in targets if row[t] == best)
+        ahead = (row > best) | ((row == best) & (np.arange(len(row)) < first))
+        ahead[excluded] = False
+        ranks[index] = ahead.sum()
+    return ranks
+
+
+def recall_at_k(scores: np.ndarray | torch.Tensor, evalset: EvalSet,
+                ks: Sequence[int] | None = None) -> dict[str, float]:
+    """Percentage of queries with any target in the top K after removing each query's excluded ids.
+
+    `scores` is Q x len(gallery) in gallery column order; higher is better; ties rank by gallery order."""
+    ranks = _target_ranks(_checked_scores(scores, evalset), evalset)
+    return {f"R@{k}": 100.0 * float(np.mean(ranks < k)) for k in (ks or evalset.ks)}
+
+
+def recall_subset_at_k(scores: np.ndarray | torch.Tensor, evalset: EvalSet,
+                       ks: Sequence[int] = (1, 2, 3)) -> dict[str, float]:
+    """CIRR Recall_subset@K: rank only within each query's `subset` (its image set minus the reference)."""
+    array = _checked_scores(scores, evalset)
+    column = {image: c for c, image in enumerate(evalset.gallery)}
+    ranks = np.empty(len(evalset.queries))
+    for index, (row, query) in enumerate(zip(array, evalset.queries)):
+        if query.subset is None:
+            raise ValueError(f"query {index}: no subset; Recall_subset needs CIRR image sets")
+        excluded = set(_columns(query.excluded, column, "excluded", index))
+        members = [c for c in _columns(query.subset, column, "subset", index) if c not in excluded]
+        ranks[index] = _best_rank(row, members, _columns(query.targets, column, "target", index))
+    return {f"Rsubset@{k}": 100.0 * float(np.mean(ranks < k)) for k in ks}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the readers
+# ---------------------------------------------------------------------------------------------
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; a missing or malformed file raises DataFormatError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataFormatError(f"{path}: missing file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataFormatError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_lines(path: Path) -> list[str]:
+    """The lines of a text file without line endings; a missing file raises DataFormatError."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataFormatError(f"{path}: missing file") from None
+    except UnicodeDecodeError as error:
+        raise DataFormatError(f"{path}: not UTF-8 text ({error})") from None
+
+
+def raise_first(problems: list[str], checker: str) -> None:
+    """Loaders stop at malformed input; the matching check function lists every problem."""
+    if problems:
+        more = f" (and {len(problems) - 1} more problems; {checker} lists them all)" if len(problems) > 1 else ""
+        raise DataFormatError(problems[0] + more)
+
+
+def missing_images(image_paths: Mapping[str, Path]) -> list[str]:
+    """One problem line per image id whose file does not exist."""
+    return [f"image {image!r}: missing file {path}" for image, path in image_paths.items() if not path.is_file()]

@@ -1,0 +1,140 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cirlab.data.errors import DataFormatError
+from cirlab.data.evalsets import average_variant_scores, recall_at_k
+from cirlab.data.fashioniq import check_fashioniq, combine_categories, join_captions, load_fashioniq
+from fixtures.materialise import materialise
+
+# Rows: the 3 val triplets (V1->V2, V3->V4, V5->V2); columns: V1..V6.
+SCORES = np.array([
+    [0.9, 0.8, 0.1, 0.1, 0.1, 0.1],    # reference first, target second
+    [0.5, 0.6, 0.95, 0.7, 0.2, 0.1],   # reference first, target second
+    [0.3, 0.2, 0.9, 0.8, 0.99, 0.1],   # reference first, target fifth
+])
+
+
+@pytest.fixture
+def root(tmp_path):
+    return materialise("fashioniq", tmp_path)
+
+
+CAPTIONS = [[" is solid black with no sleeves", "is black with straps."],
+            ["yello and more Flowing", " Has a longer hem? "],
+            ["is red, ", "is off-shoulder"]]
+
+
+@pytest.mark.parametrize("strategy, expected", [
+    ("clip4cir", [("Is solid black with no sleeves and is black with straps",),
+                  ("Yello and more flowing and Has a longer hem",),
+                  ("Is red and is off-shoulder",)]),
+    ("starter_kit", [("is solid black with no sleeves <and> is black with straps .",),
+                     ("yello and more flowing <and> has a longer hem ?",),
+                     ("is red , <and> is off-shoulder",)]),
+    ("offset", [("is solid black with no sleeves and is black with straps",),
+                ("yello and more flowing and has a longer hem",),
+                ("is red and is off shoulder",)]),
+    ("cmap", [("is solid black with no sleeves <and> is black with straps .",
+               "is black with straps . <and> is solid black with no sleeves"),
+              ("yello and more flowing <and> has a longer hem ?", "has a longer hem ? <and> yello and more flowing"),
+              ("is red , <and> is off-shoulder", "is off-shoulder <and> is red ,")]),
+    ("symmetric", [("is solid black with no sleeves and is black with straps",
+                    "is black with straps and is solid black with no sleeves"),
+                   ("yello and more Flowing and Has a longer hem", "Has a longer hem and yello and more Flowing"),
+                   ("is red and is off-shoulder", "is off-shoulder and is red")]),
+])
+def test_caption_joins(strategy, expected):
+    assert [join_captions(c, strategy) for c in CAPTIONS] == expected
+
+
+def test_offset_join_applies_corrections():
+    assert join_captions(CAPTIONS[1], "offset", {"yello": "yellow"}) == (
+        "yellow and more flowing and has a longer hem",)
+
+
+def test_default_protocol_keeps_the_reference(root):
+    train, evalset = load_fashioniq(root, "dress")
+    assert evalset.gallery == ["V1", "V2", "V3", "V4", "V5", "V6"]
+    assert [q.text for q in evalset.queries][0] == "Is solid black with no sleeves and is black with straps"
+    assert all(not q.excluded for q in evalset.queries)
+    assert evalset.ks == (10, 50)
+    assert evalset.image_paths["V3"] == root / "images" / "V3.jpg"
+    assert "reference = kept" in evalset.describe()
+    assert recall_at_k(torch.tensor(SCORES), evalset, ks=(1, 2, 5)) == pytest.approx(
+        {"R@1": 0.0, "R@2": 200 / 3, "R@5": 100.0})
+    assert train[1].text == "Is shorter and is red" and (train[1].reference, train[1].target) == ("A2", "A3")
+
+
+def test_reference_removed_as_artemis(root):
+    _, evalset = load_fashioniq(root, "dress", reference="removed")
+    assert evalset.queries[2].excluded == frozenset({"V5"})
+    assert recall_at_k(SCORES, evalset, ks=(1, 3, 4)) == pytest.approx({"R@1": 200 / 3, "R@3": 200 / 3, "R@4": 100.0})
+
+
+def test_query_image_gallery(root):
+    _, evalset = load_fashioniq(root, "dress", gallery="queries")
+    assert evalset.gallery == ["V1", "V2", "V3", "V4", "V5"]
+    assert recall_at_k(SCORES[:, :5], evalset, ks=(2,)) == pytest.approx({"R@2": 200 / 3})
+
+
+def test_cmap_doubles_queries_and_symmetric_has_two_variants(root):
+    train, cmap = load_fashioniq(root, "dress", caption_join="cmap")
+    assert len(cmap.queries) == 6 and len(train) == 4
+    assert cmap.queries[1].text == "is black with straps . <and> is solid black with no sleeves"
+    assert "two per triplet" in cmap.describe()
+    _, symmetric = load_fashioniq(root, "dress", caption_join="symmetric")
+    assert len(symmetric.queries) == 3 and symmetric.text_variants == 2
+    assert symmetric.texts(1)[2] == "is off-shoulder and is red"
+    # The second order moves the third query's target to the top: averaged scores rank it first.
+    flipped = SCORES.copy()
+    flipped[2] = [0.3, 2.0, 0.9, 0.8, 0.99, 0.1]
+    assert recall_at_k(average_variant_scores([SCORES, flipped]), symmetric, ks=(1,)) == pytest.approx({"R@1": 100 / 3})
+
+
+def test_png_images_are_detected(tmp_path):
+    root = materialise("fashioniq", tmp_path, suffix=".png")
+    _, evalset = load_fashioniq(root, "dress")
+    assert evalset.image_paths["V1"].suffix == ".png"
+    assert check_fashioniq(root, ["dress"]) == []
+
+
+def test_test_split_has_no_targets_and_refuses_evaluation(root):
+    _, evalset = load_fashioniq(root, "dress", split="test")
+    assert [q.targets for q in evalset.queries] == [frozenset(), frozenset()]
+    with pytest.raises(ValueError, match="no targets"):
+        recall_at_k(np.zeros((2, 3)), evalset)
+
+
+def test_combine_categories():
+    combined = combine_categories({"dress": {"R@10": 10.0, "R@50": 30.0}, "shirt": {"R@10": 20.0, "R@50": 40.0},
+                                   "toptee": {"R@10": 30.0, "R@50": 50.0}})
+    assert combined["shirt/R@50"] == 40.0
+    assert combined["R@10"] == pytest.approx(20.0) and combined["R@50"] == pytest.approx(40.0)
+    assert combined["avg"] == pytest.approx(30.0)
+
+
+def test_check_reports_every_planted_problem(root):
+    assert check_fashioniq(root, ["dress"]) == []
+    (root / "images" / "V3.jpg").unlink()
+    path = root / "captions" / "cap.dress.val.json"
+    entries = json.loads(path.read_text())
+    entries[1]["captions"] = ["only one"]
+    entries[2]["target"] = "V9"
+    path.write_text(json.dumps(entries))
+    problems = check_fashioniq(root, ["dress"])
+    assert len(problems) == 3
+    assert f"{path}: entry 1: 'captions' must be a list of exactly 2 strings" in problems
+    assert f"{path}: entry 2: target 'V9' is not in split.dress.val.json" in problems
+    assert any(p.startswith("image 'V3': missing file") for p in problems)
+    with pytest.raises(DataFormatError, match=r"cap\.dress\.val\.json: entry 1: 'captions'"):
+        load_fashioniq(root, "dress")
+
+
+def test_malformed_json_names_the_file(root):
+    path = root / "image_splits" / "split.dress.val.json"
+    path.write_text("[\"V1\",")
+    with pytest.raises(DataFormatError, match="split.dress.val.json: not valid JSON"):
+        load_fashioniq(root, "dress")
