@@ -159,8 +159,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 
     images: ImageBatches = pixels
     if config.model.freeze_backbone and config.train.cache_features:
-        model_cfg = config.model
-        maps_key = f"maps:{config.data.root}:{model_cfg.image_backbone}:{model_cfg.image_weights}:{model_cfg.backbone_upto}"
+        backbone = (config.model.image_backbone, config.model.image_weights, config.model.backbone_upto)
+        maps_key = f"maps:{config.data.root}:{backbone}"
         if maps_key not in image_cache:
             image_cache[maps_key] = CachedMaps(model.image_encoder, pixels, device, progress=progress)
         images = image_cache[maps_key]
