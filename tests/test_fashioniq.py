@@ -3,11 +3,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from fixtures.materialise import materialise
 
 from cirlab.data.errors import DataFormatError
 from cirlab.data.evalsets import average_variant_scores, recall_at_k
 from cirlab.data.fashioniq import check_fashioniq, combine_categories, join_captions, load_fashioniq
-from fixtures.materialise import materialise
 
 # Rows: the 3 val triplets (V1->V2, V3->V4, V5->V2); columns: V1..V6.
 SCORES = np.array([

@@ -13,7 +13,7 @@ Several texts per query (FashionIQ "symmetric" caption joining): the caller scor
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,29 @@ def recall_subset_at_k(scores: np.ndarray | torch.Tensor, evalset: EvalSet,
     return {f"Rsubset@{k}": 100.0 * float(np.mean(ranks < k)) for k in ks}
 
 
+def ranked_ids(scores: np.ndarray | torch.Tensor, evalset: EvalSet, top: int,
+               within_subset: bool = False) -> list[list[str]]:
+    """Each query's `top` best image ids, excluded ids removed, ties in gallery order; over the whole
+    gallery, or over the query's `subset` only. Needs no targets (test-server submissions)."""
+    array = _as_array(scores)
+    if array.shape != (len(evalset.queries), len(evalset.gallery)):
+        raise ValueError(f"scores have shape {array.shape}, expected {(len(evalset.queries), len(evalset.gallery))}")
+    column = {image: c for c, image in enumerate(evalset.gallery)}
+    rankings = []
+    for index, (row, query) in enumerate(zip(array, evalset.queries)):
+        excluded = set(_columns(query.excluded, column, "excluded", index))
+        if within_subset:
+            if query.subset is None:
+                raise ValueError(f"query {index}: no subset to rank within")
+            candidates = [c for c in _columns(query.subset, column, "subset", index) if c not in excluded]
+        else:
+            candidates = [c for c in range(len(row)) if c not in excluded]
+        ordered = np.sort(np.asarray(candidates, dtype=np.int64))
+        best = ordered[np.argsort(-row[ordered], kind="stable")][:top]
+        rankings.append([evalset.gallery[c] for c in best])
+    return rankings
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers shared by the readers
 # ---------------------------------------------------------------------------------------------
@@ -175,6 +198,15 @@ def read_lines(path: Path) -> list[str]:
         raise DataFormatError(f"{path}: missing file") from None
     except UnicodeDecodeError as error:
         raise DataFormatError(f"{path}: not UTF-8 text ({error})") from None
+
+
+def read_json_records(path: Path, record_problems: Callable[[Any, str], list[str]],
+                      noun: str) -> tuple[list[dict], list[str]]:
+    """A JSON list of records and every problem `record_problems(record, where)` finds in it."""
+    records = read_json(path)
+    if not isinstance(records, list):
+        return [], [f"{path}: expected a JSON list of {noun}"]
+    return records, [p for i, r in enumerate(records) for p in record_problems(r, f"{path}: entry {i}")]
 
 
 def raise_first(problems: list[str], checker: str) -> None:

@@ -27,7 +27,7 @@ from statistics import mean
 from typing import Any
 
 from cirlab.data.errors import DataFormatError
-from cirlab.data.evalsets import EvalQuery, EvalSet, Triplet, raise_first, read_json
+from cirlab.data.evalsets import EvalQuery, EvalSet, Triplet, raise_first, read_json, read_json_records
 
 CATEGORIES = ("dress", "shirt", "toptee")
 SPLITS = ("train", "val", "test")
@@ -108,11 +108,7 @@ def _entry_problems(entry: Any, where: str, with_target: bool) -> list[str]:
 
 
 def _read_entries(path: Path, with_target: bool) -> tuple[list[dict], list[str]]:
-    entries = read_json(path)
-    if not isinstance(entries, list):
-        return [], [f"{path}: expected a JSON list of triplets"]
-    problems = [p for i, e in enumerate(entries) for p in _entry_problems(e, f"{path}: entry {i}", with_target)]
-    return entries, problems
+    return read_json_records(path, lambda entry, where: _entry_problems(entry, where, with_target), "triplets")
 
 
 def _read_split(path: Path) -> tuple[list[str], list[str]]:
@@ -180,7 +176,8 @@ def _membership_problems(entries: list[dict], names: list[str], path: Path, spli
 def _protocol(gallery: str, reference: str, caption_join: str, corrections: Path | None,
               image_ext: str) -> dict[str, Any]:
     protocol: dict[str, Any] = {
-        "gallery": "all images of the split" if gallery == "split" else "candidates and targets of the split's triplets",
+        "gallery": ("all images of the split" if gallery == "split"
+                    else "candidates and targets of the split's triplets"),
         "reference": reference,
         "caption_join": caption_join,
         "hit": "the triplet's target image",
@@ -198,7 +195,8 @@ def _protocol(gallery: str, reference: str, caption_join: str, corrections: Path
 def load_fashioniq(root: Path | str, category: str, split: str = "val", *, gallery: str = "split",
                    reference: str = "kept", caption_join: str = "clip4cir", image_ext: str = "auto",
                    corrections: Path | None = None) -> tuple[list[Triplet], EvalSet]:
-    """Training triplets of `category` and its evaluation set for `split` ("val" or "test").
+    """Training triplets of `category` (from cap.<category>.train.json, which must exist) and its
+    evaluation set for `split` ("val" or "test").
 
     `corrections`: a JSON word -> word mapping applied by the "offset" join (DQU-CIR's
     correction_dict_<category>.json); ignored by the other joins."""

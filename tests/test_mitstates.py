@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+from fixtures.materialise import materialise
+from PIL import Image
+
+from cirlab.data.errors import DataFormatError
+from cirlab.data.evalsets import recall_at_k
+from cirlab.data.mitstates import TEST_NOUNS, check_mitstates, load_mitstates
+
+C1, C2, C3 = "ancient castle/c1.jpg", "ancient castle/c2.jpg", "ruined castle/c3.jpg"
+T1, T2 = "ripe tomato/t1.jpg", "unripe tomato/t2.jpg"
+# Columns: C1, C2, T1, C3, T2; rows: the five queries in order.
+SCORES = np.array([
+    [0.9, 0.8, 0.1, 0.7, 0.1],   # reference first; target 2nd after removal
+    [0.5, 0.99, 0.1, 0.6, 0.1],  # target 1st after removal
+    [0.1, 0.1, 0.9, 0.2, 0.3],   # target 1st after removal
+    [0.2, 0.3, 0.9, 0.8, 0.5],   # best target (C2) 3rd after removal
+    [0.4, 0.4, 0.4, 0.4, 0.4],   # all tied: gallery order puts C1 and C2 ahead of the target T1
+])
+
+
+@pytest.fixture
+def root(tmp_path):
+    return materialise("mitstates", tmp_path)
+
+
+def test_split_and_queries_as_tirg(root):
+    train, evalset = load_mitstates(root)
+    assert len(TEST_NOUNS) == 49
+    assert evalset.gallery == [C1, C2, T1, C3, T2]   # "adj castle" and "misc" skipped
+    assert [(q.reference, q.text, q.targets) for q in evalset.queries] == [
+        (C1, "ruined", frozenset({C3})), (C2, "ruined", frozenset({C3})), (T1, "unripe", frozenset({T2})),
+        (C3, "ancient", frozenset({C1, C2})), (T2, "ripe", frozenset({T1}))]
+    assert all(q.excluded == frozenset({q.reference}) for q in evalset.queries)
+    assert evalset.image_paths[C3] == root / "images" / "ruined castle" / "c3.jpg"
+    assert recall_at_k(SCORES, evalset) == pytest.approx({"R@1": 40.0, "R@5": 100.0, "R@10": 100.0})
+    assert recall_at_k(SCORES, evalset, ks=(2, 3)) == pytest.approx({"R@2": 60.0, "R@3": 100.0})
+
+
+def test_train_triplets_pair_two_different_adjectives(root):
+    train, _ = load_mitstates(root, seed=5)
+    assert [t.reference for t in train] == ["new car/n1.jpg"] * 2 + ["new car/n2.jpg"] * 2 + ["old car/o1.jpg"] * 2
+    for first, second in zip(train[::2], train[1::2]):
+        assert {first.text, second.text} == {"new", "old"}
+        for triplet in (first, second):
+            assert triplet.target.startswith(f"{triplet.text} car/")
+    assert load_mitstates(root, seed=5)[0] == train
+
+
+def test_check_reports_every_planted_problem(root):
+    assert check_mitstates(root) == []
+    (root / "images" / "ripe tomato" / "notes.txt").write_text("x")
+    (root / "images" / "shiny fan").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "images" / "shiny fan" / "f1.jpg")
+    (root / "images" / "big red car").mkdir()
+    assert check_mitstates(root) == [
+        f"{root / 'images' / 'big red car'}: folder name has more than one space (expected '<adj> <noun>')",
+        f"{root / 'images' / 'ripe tomato' / 'notes.txt'}: not a .jpg image",
+        "test noun 'fan': only one adjective ('shiny'); TIRG needs at least two",
+    ]
+    with pytest.raises(DataFormatError, match="big red car: folder name has more than one space"):
+        load_mitstates(root)
+
+
+def test_missing_image_folder(tmp_path):
+    with pytest.raises(DataFormatError, match="missing image folder"):
+        load_mitstates(tmp_path)
