@@ -7,7 +7,7 @@ import pytest
 
 from cirlab.cli import build_parser, main
 
-SUBCOMMANDS = [["data", "make-css"], ["train"], ["eval"], ["demo"], ["models"]]
+SUBCOMMANDS = [["data", "make-css"], ["data", "check"], ["train"], ["eval"], ["demo"], ["models"]]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS)
@@ -65,3 +65,15 @@ def test_npy_of_the_wrong_shape_is_named(tiny_css, tmp_path, capsys):
 def test_eval_of_a_folder_that_is_no_checkpoint(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2
     assert "not a cirlab checkpoint" in _one_error_line(capsys)
+
+
+def test_data_check_lists_every_problem(tiny_css, tmp_path, capsys):
+    assert main(["data", "check", str(tiny_css), "--format", "css"]) == 0
+    assert "0 problem(s)" in capsys.readouterr().out
+    root = tmp_path / "css"
+    shutil.copytree(tiny_css, root)
+    (root / "images" / "css_test_000001.png").write_bytes(b"not a png")
+    (root / "images" / "css_train_000002.png").write_bytes(b"")
+    assert main(["data", "check", str(root), "--format", "css"]) == 1
+    out = capsys.readouterr().out
+    assert "css_test_000001.png" in out and "css_train_000002.png" in out and "2 problem(s)" in out

@@ -19,6 +19,16 @@ def _cmd_make_css(args: argparse.Namespace) -> None:
     print(f"wrote CSS ({args.preset}, seed {args.seed}) to {out}")
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from cirlab.data.check import check_dataset
+
+    problems = check_dataset(Path(args.root), args.format)
+    for problem in problems:
+        print(problem)
+    print(f"{args.root}: {len(problems)} problem(s) found ({args.format} format)")
+    return 1 if problems else 0
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from cirlab.config import load_config
     from cirlab.train import train
@@ -62,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     make_css.add_argument("--seed", type=int, default=0, help="same seed, byte-identical output")
     make_css.add_argument("--image-size", type=int, default=64, help="pixels; the drawing scales with it")
     make_css.set_defaults(func=_cmd_make_css)
+    check = data_commands.add_parser("check", help="list every missing image and malformed record of a dataset")
+    check.add_argument("root", help="dataset folder")
+    check.add_argument("--format", required=True,
+                       choices=["css", "fashioniq", "cirr", "shoes", "fashion200k", "mitstates", "folder"])
+    check.set_defaults(func=_cmd_check)
 
     train = commands.add_parser("train", help="train a model from a YAML config", epilog=EPILOG)
     train.add_argument("--config", help="YAML run config, e.g. configs/css/tirg.yaml")
@@ -95,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     from cirlab.data.errors import DataFormatError
 
     try:
-        args.func(args)
+        code = args.func(args)
     except (ConfigError, DataFormatError, CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"cirlab: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cirlab: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0

@@ -1,0 +1,57 @@
+"""`cirlab data check`: every problem of a dataset on disk, each with its file and record."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cirlab.data.cirr import check_cirr
+from cirlab.data.css import load_css, load_image
+from cirlab.data.errors import DataFormatError
+from cirlab.data.fashion200k import check_fashion200k
+from cirlab.data.fashioniq import check_fashioniq
+from cirlab.data.folder import check_folder
+from cirlab.data.mitstates import check_mitstates
+from cirlab.data.shoes import check_shoes
+
+
+def check_css(root: Path) -> list[str]:
+    """The `.npy` structure first (its first problem stops the check), then every image decoded."""
+    try:
+        dataset = load_css(root)
+    except DataFormatError as error:
+        return [str(error)]
+    problems = []
+    paths = dataset.train.image_paths + dataset.test.image_paths
+    for path in tqdm(paths, desc="decoding images", unit="img"):
+        try:
+            load_image(path)
+        except DataFormatError as error:
+            problems.append(str(error))
+    return problems
+
+
+def _check_folder(root: Path) -> list[str]:
+    files = sorted(root.glob("*.jsonl"))
+    return check_folder(root, files) if files else [f"{root}: no .jsonl file of triplets in this folder"]
+
+
+CHECKERS: dict[str, Callable[[Path], list[str]]] = {
+    "css": check_css,
+    "fashioniq": check_fashioniq,
+    "cirr": check_cirr,
+    "shoes": check_shoes,
+    "fashion200k": check_fashion200k,
+    "mitstates": check_mitstates,
+    "folder": _check_folder,
+}
+
+
+def check_dataset(root: Path, format_name: str) -> list[str]:
+    if format_name not in CHECKERS:
+        raise ValueError(f"unknown dataset format '{format_name}' (known: {', '.join(CHECKERS)})")
+    if not Path(root).is_dir():
+        return [f"{root}: no such folder"]
+    return CHECKERS[format_name](Path(root))
