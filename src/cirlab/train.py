@@ -129,6 +129,26 @@ class MetricsLog:
             handle.write(json.dumps(record) + "\n")
 
 
+def _training_images(config: Config, model: CIRModel, pixels: PixelImages, image_cache: dict[str, ImageBatches],
+                     device: torch.device, progress: bool) -> ImageBatches:
+    """Pixels, or with a frozen backbone its maps computed once (shared through `image_cache`)."""
+    if not (config.model.freeze_backbone and config.train.cache_features):
+        return pixels
+    backbone = (config.model.image_backbone, config.model.image_weights, config.model.backbone_upto)
+    key = f"maps:{config.data.root}:{backbone}"
+    if key not in image_cache:
+        image_cache[key] = CachedMaps(model.image_encoder, pixels, device, progress=progress)
+    return image_cache[key]
+
+
+def _rng_tensors(triplet_rng: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every torch generator the loop draws from, for an exact resume."""
+    states = {"rng.triplets": triplet_rng.get_state(), "rng.torch": torch.get_rng_state()}
+    if device.type == "cuda":  # dropout draws from the device's own generator
+        states["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True,
           image_cache: dict[str, ImageBatches] | None = None) -> TrainResult:
     """Train `config` into `run_dir` (best/ and last/ checkpoints, metrics.jsonl).
@@ -157,13 +177,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         model = create_model(config.model, vocab)
     model.to(device)
 
-    images: ImageBatches = pixels
-    if config.model.freeze_backbone and config.train.cache_features:
-        backbone = (config.model.image_backbone, config.model.image_weights, config.model.backbone_upto)
-        maps_key = f"maps:{config.data.root}:{backbone}"
-        if maps_key not in image_cache:
-            image_cache[maps_key] = CachedMaps(model.image_encoder, pixels, device, progress=progress)
-        images = image_cache[maps_key]
+    images = _training_images(config, model, pixels, image_cache, device, progress)
 
     optimizer = build_optimizer(model, config)
     sampler = PairSampler(train_part, config.train.batch_size, config.train.seed)
@@ -214,10 +228,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                 best = val
                 save_checkpoint(run_dir / BEST, model, config, vocab)
             trainer_tensors, optimizer_meta = optimizer_to_tensors(optimizer)
-            trainer_tensors["rng.triplets"] = triplet_rng.get_state()
-            trainer_tensors["rng.torch"] = torch.get_rng_state()
-            if device.type == "cuda":  # dropout draws from the device's own generator
-                trainer_tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+            trainer_tensors.update(_rng_tensors(triplet_rng, device))
             save_checkpoint(run_dir / LAST, model, config, vocab, trainer_tensors,
                             {"step": done, "best_val": best, "optimizer": optimizer_meta,
                              "sampler": sampler.state()})
