@@ -47,6 +47,40 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {out}.json and {out}.md")
 
 
+def _cmd_index_build(args: argparse.Namespace) -> None:
+    from cirlab.index.build import build_index
+
+    with build_index(Path(args.checkpoint), Path(args.image_dir), Path(args.out), batch_size=args.batch_size,
+                     factory=args.factory) as index:
+        print(f"{args.out}: {len(index)} images indexed ({index.factory})")
+
+
+def _cmd_index_info(args: argparse.Namespace) -> None:
+    from cirlab.index.faiss_index import FaissIndex
+
+    with FaissIndex.open(Path(args.index)) as index:
+        print(json.dumps(index.info(), indent=2, default=str))
+
+
+def _cmd_search(args: argparse.Namespace) -> None:
+    from cirlab.checkpoint import load_checkpoint
+    from cirlab.data.css import load_image
+    from cirlab.index.build import model_identity, search_index
+    from cirlab.index.faiss_index import FaissIndex
+
+    if not args.text.strip():
+        raise ValueError("the modification text is empty")
+    model = load_checkpoint(Path(args.checkpoint)).model
+    with FaissIndex.open(Path(args.index), model_id=model_identity(Path(args.checkpoint))) as index:
+        reference = args.id if args.id is not None else load_image(Path(args.image))
+        results = search_index(index, model, reference, args.text, k=args.k)
+    if args.json:
+        print(json.dumps([{"id": name, "score": score} for name, score in results], indent=2))
+    else:
+        for rank, (name, score) in enumerate(results, 1):
+            print(f"{rank:3d}  {score:.4f}  {name}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from cirlab.demo import run_demo
 
@@ -93,6 +127,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="output path without extension (default: RUN/eval-SPLIT)")
     evaluate.set_defaults(func=_cmd_eval)
 
+    index = commands.add_parser("index", help="build and inspect a persistent gallery index (FAISS)")
+    index_commands = index.add_subparsers(dest="index_command", required=True, metavar="INDEX_COMMAND")
+    build = index_commands.add_parser("build", help="embed a gallery folder into an index; reruns add only what "
+                                                    "is missing, so an interrupted build resumes")
+    build.add_argument("checkpoint", help="checkpoint folder (RUN/best)")
+    build.add_argument("image_dir", help="gallery folder (.png, .jpg, .jpeg, searched recursively)")
+    build.add_argument("--out", required=True, help="index folder")
+    build.add_argument("--factory", default="Flat", help="FAISS factory string: Flat (exact), IVF64,Flat, HNSW32, ...")
+    build.add_argument("--batch-size", type=int, default=64)
+    build.set_defaults(func=_cmd_index_build)
+    info = index_commands.add_parser("info", help="what an index holds: model id, size, factory, gallery folder")
+    info.add_argument("index", help="index folder")
+    info.set_defaults(func=_cmd_index_info)
+
+    search = commands.add_parser("search", help="composed query against an index: a reference image and a text")
+    search.add_argument("index", help="index folder")
+    search.add_argument("--checkpoint", required=True, help="the checkpoint the index was built with")
+    reference = search.add_mutually_exclusive_group(required=True)
+    reference.add_argument("--image", help="reference image file")
+    reference.add_argument("--id", help="reference given as a gallery image id (its path in the gallery)")
+    search.add_argument("--text", required=True, help='the modification, e.g. "make top-left object red"')
+    search.add_argument("-k", type=int, default=10, help="number of results")
+    search.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    search.set_defaults(func=_cmd_search)
+
     demo = commands.add_parser("demo", help="generate demo CSS, train image-only/concat/TIRG, report")
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.add_argument("--config", default="configs/css/demo.yaml", help="the demo's training recipe")
@@ -108,10 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cirlab.checkpoint import CheckpointError
     from cirlab.data.errors import DataFormatError
+    from cirlab.index.base import IndexStoreError, UnknownImageError
 
     try:
         code = args.func(args)
-    except (ConfigError, DataFormatError, CheckpointError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, DataFormatError, CheckpointError, IndexStoreError, FileNotFoundError, FileExistsError,
+            ValueError) as error:
+        print(f"cirlab: error: {error}", file=sys.stderr)
+        return 2
+    except UnknownImageError as error:
         print(f"cirlab: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

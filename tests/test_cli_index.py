@@ -1,0 +1,53 @@
+"""`cirlab index build|info` and `cirlab search` on a tiny trained checkpoint."""
+
+import json
+
+import pytest
+
+from cirlab.cli import main
+from cirlab.config import load_config
+from cirlab.train import train
+
+TINY = ["model.image_backbone=resnet18", "model.image_weights=null", "model.backbone_upto=layer2",
+        "model.embed_dim=16", "train.batch_size=4", "train.iterations=2", "train.eval_every=2", "data.val_fraction=0.2"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_css, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    for seed in (0, 1):
+        train(load_config(None, [f"data.root={tiny_css}", f"train.seed={seed}", *TINY]), runs / f"s{seed}",
+              progress=False)
+    return runs / "s0" / "best", runs / "s1" / "best"
+
+
+def test_build_info_search_and_refuse_another_model(tiny_css, checkpoints, tmp_path, capsys):
+    images = sorted(p.name for p in (tiny_css / "images").glob("*.png"))
+    index = tmp_path / "index"
+    assert main(["index", "build", str(checkpoints[0]), str(tiny_css / "images"), "--out", str(index)]) == 0
+    assert f"{len(images)} images indexed" in capsys.readouterr().out
+    assert main(["index", "info", str(index)]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == len(images)
+
+    reference = "css_test_000001.png"
+    assert main(["search", str(index), "--checkpoint", str(checkpoints[0]), "--id", reference,
+                 "--text", "remove object", "-k", "5", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 5 and reference not in [r["id"] for r in results]
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+
+    assert main(["search", str(index), "--checkpoint", str(checkpoints[1]), "--id", reference,
+                 "--text", "remove object"]) == 2
+    assert "cirlab: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--id", "nope.png", "--text", "make it red"], "nope.png"),
+    (["--id", "css_test_000001.png", "--text", "   "], "text is empty"),
+])
+def test_search_bad_input(tiny_css, checkpoints, tmp_path, capsys, extra, message):
+    index = tmp_path / "index"
+    main(["index", "build", str(checkpoints[0]), str(tiny_css / "images"), "--out", str(index)])
+    capsys.readouterr()
+    assert main(["search", str(index), "--checkpoint", str(checkpoints[0]), *extra]) == 2
+    assert message in capsys.readouterr().err
