@@ -78,7 +78,7 @@ def main() -> None:
         for model in args.models:
             config = load_config(config_path(args, model), recipe(args, model, seed))
             started = time.perf_counter()
-            train(config, out / f"{model}-seed{seed}", image_cache=cache)
+            train(config, out / f"{model}-seed{seed}", image_cache=cache, overwrite=True)
             seconds[model].append(time.perf_counter() - started)
             checkpoint = load_checkpoint(out / f"{model}-seed{seed}" / BEST)
             device = resolve_device(config.train.device)

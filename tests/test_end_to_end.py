@@ -79,3 +79,16 @@ def test_train_rejects_bad_settings_and_writes_nothing(tiny_css, tmp_path, capsy
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_existing_run_is_never_overwritten_silently(tiny_css, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--set", f"data.root={tiny_css}", *[f"--set={o}" for o in FROZEN],
+            "--set", "train.iterations=2", "--set", "train.eval_every=2", "--out", str(out)]
+    assert main(args) == 0
+    before = (out / "last" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert (out / "last" / "model.safetensors").read_bytes() == before
+    assert main([*args, "--overwrite"]) == 0

@@ -34,7 +34,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from cirlab.train import train
 
     config = load_config(args.config, args.set)
-    result = train(config, Path(args.out), resume=args.resume)
+    result = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
     print(f"best validation {json.dumps(result.best_val)}; checkpoint: {result.run_dir / 'best'}")
 
 
@@ -94,7 +94,8 @@ def _cmd_models(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cirlab", description="Composed image retrieval: data, training, evaluation.")
+    parser = argparse.ArgumentParser(prog="cirlab",
+                                     description="Composed image retrieval: data, training, evaluation, search.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = commands.add_parser("data", help="generate and check datasets")
@@ -116,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML run config, e.g. configs/css/tirg.yaml")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     train.add_argument("--out", required=True, help="run folder (checkpoints best/ and last/, metrics.jsonl)")
-    train.add_argument("--resume", action="store_true", help="continue exactly from OUT/last")
+    continuing = train.add_mutually_exclusive_group()
+    continuing.add_argument("--resume", action="store_true", help="continue exactly from OUT/last")
+    continuing.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
     train.set_defaults(func=_cmd_train)
 
     evaluate = commands.add_parser("eval", help="Recall@K of a checkpoint under its benchmark's protocol",

@@ -39,7 +39,7 @@ def run_demo(out: Path, config_path: Path, data_root: Path | None = None) -> dic
     image_cache: dict[str, ImageBatches] = {}
     for name in DEMO_MODELS:
         config = load_config(config_path, [f"model.name={name}", f"data.root={data_root}"])
-        train(config, out / name, image_cache=image_cache)
+        train(config, out / name, image_cache=image_cache, overwrite=True)  # the demo owns its folder
 
     print("[3/4] evaluating the selected checkpoints on the test split")
     _, test_split = load_splits(load_config(config_path, [f"data.root={data_root}"]).data)

@@ -150,13 +150,17 @@ def _rng_tensors(triplet_rng: torch.Generator, device: torch.device) -> dict[str
 
 
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True,
-          image_cache: dict[str, ImageBatches] | None = None) -> TrainResult:
+          image_cache: dict[str, ImageBatches] | None = None, overwrite: bool = False) -> TrainResult:
     """Train `config` into `run_dir` (best/ and last/ checkpoints, metrics.jsonl).
 
-    With `resume`, training continues from `run_dir/last` exactly where it stopped. `image_cache`
+    With `resume`, training continues from `run_dir/last` exactly where it stopped. A folder that
+    already holds a run is refused unless `resume` or `overwrite` says what to do with it. `image_cache`
     lets several runs in one process share decoded images and cached backbone maps.
     """
     run_dir = Path(run_dir)
+    if not resume and not overwrite and (run_dir / METRICS).exists():
+        raise FileExistsError(f"{run_dir} already holds a training run: pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another --out")
     device = resolve_device(config.train.device)
     torch.manual_seed(config.train.seed)
     train_split, _ = load_splits(config.data)
