@@ -13,10 +13,26 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from cirlab.data.css import load_image
 from cirlab.encoders.image import IMAGENET_MEAN, IMAGENET_STD, ImageEncoder
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (B x 3 x H x W, any device) -> floats in [0, 1], ImageNet mean/std normalised."""
+    floats = pixels.float().div_(255)
+    return (floats - _MEAN.to(floats.device)) / _STD.to(floats.device)
+
+
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """One PIL image as a model-ready 3 x H x W tensor (the same preprocessing as `PixelImages`)."""
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    return normalise(pixels[None])[0]
 
 
 class ImageBatches(Protocol):
@@ -37,15 +53,12 @@ class PixelImages:
         if len(sizes) > 1:
             raise ValueError(f"images of one split must share a size, found {sorted(sizes)}")
         self.pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-        self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.pixels)
 
     def batch(self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-        pixels = self.pixels[torch.as_tensor(indices)].to(device, non_blocking=True).float().div_(255)
-        return (pixels - self._mean.to(device)) / self._std.to(device)
+        return normalise(self.pixels[torch.as_tensor(indices)].to(device, non_blocking=True))
 
 
 class CachedMaps:

@@ -20,15 +20,13 @@ from tqdm import tqdm
 
 from cirlab.checkpoint import CONFIG_FILE, MODEL_FILE, CheckpointError, load_checkpoint
 from cirlab.data.css import load_image
-from cirlab.encoders.image import IMAGENET_MEAN, IMAGENET_STD
+from cirlab.data.tensors import image_tensor
 from cirlab.index.base import IndexMismatchError, UnknownImageError
 from cirlab.index.faiss_index import FaissIndex
 from cirlab.models.base import CIRModel
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 _HASH_BLOCK = 1 << 20
-_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def model_identity(checkpoint_folder: Path) -> str:
@@ -52,12 +50,6 @@ def list_images(image_dir: Path) -> list[str]:
         raise FileNotFoundError(f"{root}: no such image folder")
     return sorted(path.relative_to(root).as_posix() for path in root.rglob("*")
                   if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
-
-
-def image_tensor(image: Image.Image) -> torch.Tensor:
-    """3 x H x W float, ImageNet-normalised exactly as `cirlab.data.tensors.PixelImages` does."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).float().div_(255)
-    return (pixels - _MEAN) / _STD
 
 
 def embed_batch(model: CIRModel, pixels: torch.Tensor) -> np.ndarray:
