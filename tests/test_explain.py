@@ -218,3 +218,45 @@ def test_score_map_and_summarise_group_per_edit_type():
                                               "count": 3})
     with pytest.raises(ValueError, match="no records"):
         summarise([])
+
+
+def test_heatmap_overlay_colours_and_scale():
+    from PIL import Image
+
+    from cirlab.explain.overlay import heatmap_overlay
+
+    image = Image.new("RGB", (5, 4), (255, 255, 255))
+    saliency = np.zeros((4, 5))
+    saliency[2, 3] = 1.0
+    opaque = np.asarray(heatmap_overlay(image, saliency, alpha=1.0))
+    assert tuple(opaque[2, 3]) == (128, 0, 0)      # jet(1) = dark red
+    assert tuple(opaque[0, 0]) == (0, 0, 128)      # jet(0) = dark blue
+    half = np.asarray(heatmap_overlay(image, saliency, alpha=0.5, scale=3))
+    assert half.shape == (12, 15, 3)
+    # (white + dark red) / 2 = (0.75, 0.5, 0.5) * 255, rounded; one pixel became a 3x3 block
+    assert tuple(half[6, 9]) == tuple(half[8, 11]) == (191, 128, 128)
+    with pytest.raises(ValueError, match="does not match"):
+        heatmap_overlay(image, np.zeros((5, 4)))
+
+
+def test_explain_cli_writes_a_deterministic_overlay(tiny_css, tmp_path, capsys):
+    from PIL import Image
+
+    from cirlab.cli import main
+    from cirlab.config import load_config
+    from cirlab.train import train
+
+    config = load_config(None, [f"data.root={tiny_css}", "data.val_fraction=0.2", "model.image_backbone=resnet18",
+                                "model.image_weights=null", "model.backbone_upto=layer2", "model.embed_dim=16",
+                                "train.batch_size=4", "train.iterations=2", "train.eval_every=2"])
+    train(config, tmp_path / "run", progress=False)
+    images = tiny_css / "images"
+    args = ["explain", str(tmp_path / "run" / "best"), "--image", str(images / "css_test_000000.png"),
+            "--text", "remove object", "--target", str(images / "css_test_000001.png"), "--scale", "2"]
+    assert main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b.png")]) == 0
+    assert Image.open(tmp_path / "a.png").size == (128, 128)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert "hottest pixel" in capsys.readouterr().out
+    assert main([*args[:5], "  ", *args[6:], "--out", str(tmp_path / "c.png")]) == 2
+    assert not (tmp_path / "c.png").exists()

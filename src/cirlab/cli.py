@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -81,6 +82,25 @@ def _cmd_search(args: argparse.Namespace) -> None:
             print(f"{rank:3d}  {score:.4f}  {name}")
 
 
+def _cmd_explain(args: argparse.Namespace) -> None:
+    from cirlab.checkpoint import load_checkpoint
+    from cirlab.data.css import load_image
+    from cirlab.explain.overlay import explain_pair, heatmap_overlay
+    from cirlab.files import atomic_write_bytes
+
+    if not args.text.strip():
+        raise ValueError("the modification text is empty")
+    reference, target = load_image(Path(args.image)), load_image(Path(args.target))
+    model = load_checkpoint(Path(args.checkpoint)).model
+    saliency = explain_pair(model, reference, args.text, target, method=args.method, side=args.side)
+    explained = reference if args.side == "reference" else target
+    buffer = io.BytesIO()
+    heatmap_overlay(explained, saliency, scale=args.scale).save(buffer, format="PNG")
+    atomic_write_bytes(Path(args.out), buffer.getvalue())
+    row, col = divmod(int(saliency.argmax()), saliency.shape[1])
+    print(f"wrote {args.out} ({args.method} on the {args.side} image; hottest pixel at row {row}, column {col})")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from cirlab.demo import run_demo
 
@@ -154,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=10, help="number of results")
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     search.set_defaults(func=_cmd_search)
+
+    explain = commands.add_parser("explain", help="heat-map of where the model looked, as a PNG overlay")
+    explain.add_argument("checkpoint", help="checkpoint folder (RUN/best)")
+    explain.add_argument("--image", required=True, help="reference image file")
+    explain.add_argument("--text", required=True, help="the modification text")
+    explain.add_argument("--target", required=True, help="target (retrieved) image file")
+    explain.add_argument("--method", choices=["mmgrad", "gradcam"], default="mmgrad",
+                         help="mmgrad: text-conditioned feature difference; gradcam: the retrieval score")
+    explain.add_argument("--side", choices=["reference", "target"], default="reference", help="image to explain")
+    explain.add_argument("--scale", type=int, default=4, help="enlarge the overlay this many times")
+    explain.add_argument("--out", required=True, help="output PNG")
+    explain.set_defaults(func=_cmd_explain)
 
     demo = commands.add_parser("demo", help="generate demo CSS, train image-only/concat/TIRG, report")
     demo.add_argument("--out", default="runs/demo", help="output folder")
