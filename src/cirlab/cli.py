@@ -101,6 +101,16 @@ def _cmd_explain(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({args.method} on the {args.side} image; hottest pixel at row {row}, column {col})")
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from cirlab.serve.app import create_app
+
+    app = create_app(Path(args.index), Path(args.checkpoint))
+    print(f"serving {args.index} on http://{args.host}:{args.port} (API docs at /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from cirlab.demo import run_demo
 
@@ -186,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--scale", type=int, default=4, help="enlarge the overlay this many times")
     explain.add_argument("--out", required=True, help="output PNG")
     explain.set_defaults(func=_cmd_explain)
+
+    serve = commands.add_parser("serve", help="REST API over an index (search, gallery images, explanations)")
+    serve.add_argument("index", help="index folder")
+    serve.add_argument("--checkpoint", required=True, help="the checkpoint the index was built with")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=_cmd_serve)
 
     demo = commands.add_parser("demo", help="generate demo CSS, train image-only/concat/TIRG, report")
     demo.add_argument("--out", default="runs/demo", help="output folder")

@@ -1,0 +1,267 @@
+"""HTTP API over one checkpoint and the index built with it: composed search, gallery images, heat-maps.
+
+One worker thread owns the model and the index. The index's SQLite connection may only be used (and
+closed) by the thread that opened it, and funnelling every model call through that one thread
+serialises them, so concurrent requests are safe while inference stays off the event loop.
+
+Requests never write files: uploads are decoded in memory and responses are built in memory.
+No `from __future__ import annotations` here: FastAPI must evaluate the endpoints' annotations, which
+name types local to `create_app` (their limits are arguments of it).
+"""
+
+import asyncio
+import io
+import math
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal, TypeVar
+from urllib.parse import quote
+
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from PIL import Image
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cirlab.checkpoint import load_checkpoint
+from cirlab.data.css import load_image
+from cirlab.data.errors import DataFormatError
+from cirlab.explain.overlay import explain_pair, heatmap_overlay
+from cirlab.index.build import model_identity, search_index
+from cirlab.index.faiss_index import FaissIndex
+from cirlab.models.base import CIRModel
+
+# Formats Pillow decodes itself; others (EPS, for one) would hand the upload to external programs.
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+THUMB_PX = 256
+MIN_OVERLAY_PX = 256
+_FORM_OVERHEAD = 64 * 1024  # text fields and multipart headers sent along with the image
+_REFERENCE_RULE = "give exactly one reference: an `image` upload or an `image_id` of the gallery"
+
+T = TypeVar("T")
+
+
+class Hit(BaseModel):
+    id: str
+    score: float
+    url: str
+
+
+class SearchResponse(BaseModel):
+    results: list[Hit]
+    reference: str | None  # the gallery id searched from; null for an uploaded image
+
+
+class Health(BaseModel):
+    status: str
+    images: int
+    model_id: str
+
+
+def _open(index_folder: Path, checkpoint_folder: Path) -> tuple[CIRModel, FaissIndex]:
+    model = load_checkpoint(checkpoint_folder).model.eval()
+    index = FaissIndex.open(index_folder, model_id=model_identity(checkpoint_folder))
+    if index.gallery_root is None:
+        index.close()
+        raise ValueError(f"{index_folder}: index records no gallery folder, so there are no images to serve")
+    return model, index
+
+
+class _Engine:
+    """The model and the index, touched only by one worker thread (see the module docstring)."""
+
+    def __init__(self, index_folder: Path, checkpoint_folder: Path) -> None:
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cirlab-serve")
+        try:
+            self.model, self.index = self._worker.submit(_open, index_folder, checkpoint_folder).result()
+        except BaseException:
+            self._worker.shutdown()
+            raise
+        self.gallery = self.index.gallery_root.resolve()
+
+    async def run(self, function: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, function)
+
+    async def close(self) -> None:
+        await self.run(self.index.close)
+        self._worker.shutdown()
+
+    def gallery_path(self, image_id: str) -> Path:
+        """The file of an indexed image; anything else is refused before the file system is asked."""
+        if image_id.startswith("/") or ".." in PurePosixPath(image_id).parts or "\0" in image_id:
+            raise HTTPException(400, f"image id {image_id!r} must be a path relative to the gallery, "
+                                     "without '..'")
+        if image_id not in self.index:
+            raise HTTPException(404, f"image id {image_id!r} is not in the index")
+        path = (self.gallery / image_id).resolve()
+        # An indexed id can still be a symlink leading out of the gallery; it is not served.
+        if not path.is_relative_to(self.gallery) or not path.is_file():
+            raise HTTPException(404, f"image {image_id!r} is missing from the gallery folder")
+        return path
+
+
+class _BodyLimit:
+    """Ends a request whose body is over `limit` bytes with a 413, as soon as its Content-Length or
+    the bytes received so far show it, so an oversized upload is never buffered whole."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            if not declared.isdigit() or int(declared) <= self.limit:
+                message = await receive()
+                received += len(message.get("body", b""))
+                if received <= self.limit:
+                    return message
+            # Raised inside the body read, so FastAPI passes it on to its JSON error handler.
+            raise HTTPException(413, f"request body is larger than the limit of {self.limit} bytes")
+
+        await self.app(scope, limited_receive, send)
+
+
+def _clean_text(text: str) -> str:
+    if not text.strip():
+        raise HTTPException(422, "text: the modification text is empty")
+    return text
+
+
+async def _upload_bytes(image: UploadFile | None, image_id: str | None, limit: int) -> bytes | None:
+    """The uploaded reference's bytes (None for a gallery reference), after the one-reference rule."""
+    if (image is None) == (image_id is None):
+        raise HTTPException(400, _REFERENCE_RULE)
+    if image is None:
+        return None
+    data = await image.read(limit + 1)  # one byte past the limit tells "too large" without reading on
+    if len(data) > limit:
+        raise HTTPException(413, f"image upload is larger than the limit of {limit} bytes")
+    if not data:
+        raise HTTPException(400, "image upload is empty")
+    return data
+
+
+def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode an uploaded image in memory, checking its pixel count from the header before decoding."""
+    try:
+        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as image:
+            if image.width * image.height > max_pixels:
+                raise HTTPException(413, f"image upload is {image.width} x {image.height} pixels, more than "
+                                         f"the limit of {max_pixels} pixels")
+            return image.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise HTTPException(413, f"image upload has too many pixels ({error})") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise HTTPException(400, f"image upload is not a readable {'/'.join(UPLOAD_FORMATS)} image "
+                                 f"({error})") from None
+
+
+def thumbnail_png(path: Path, size: int = THUMB_PX) -> bytes:
+    image = load_image(path).convert("RGB")
+    image.thumbnail((size, size))  # keeps the aspect ratio and never enlarges
+    return _png(image)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    # One readable sentence per problem, named by field, instead of pydantic's nested records.
+    problems = ["{}: {}".format(".".join(map(str, problem["loc"][1:])) or problem["loc"][0], problem["msg"])
+                for problem in error.errors()]
+    return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
+
+def create_app(index_folder: Path, checkpoint_folder: Path, max_upload_bytes: int = 5 * 2**20,
+               max_text_chars: int = 300, max_k: int = 100, max_pixels: int = 2048 * 2048) -> FastAPI:
+    """The API for one index and the checkpoint that built it, both loaded once, here."""
+    engine = _Engine(Path(index_folder), Path(checkpoint_folder))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await engine.close()
+
+    app = FastAPI(title="cirlab", summary="Composed image retrieval: a reference image modified by a text.",
+                  lifespan=lifespan)
+    app.add_middleware(_BodyLimit, limit=max_upload_bytes + _FORM_OVERHEAD)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+    @app.exception_handler(DataFormatError)
+    async def _unreadable_gallery_file(_: Request, error: DataFormatError) -> JSONResponse:
+        # Uploads never raise this (they are decoded by `decode_upload`); a gallery file is at fault.
+        detail = str(error).replace(f"{engine.gallery}/", "")
+        return JSONResponse({"detail": f"gallery image unreadable: {detail}"}, status_code=500)
+
+    Text = Annotated[str, Form(min_length=1, max_length=max_text_chars, description="the modification")]
+    Upload = Annotated[UploadFile | None, File(description="reference image (or give image_id)")]
+    ImageId = Annotated[str | None, Form(description="reference gallery id (or upload an image)")]
+
+    @app.get("/health")
+    async def health() -> Health:
+        return Health(status="ok", images=len(engine.index), model_id=engine.index.model_id)
+
+    @app.post("/api/search")
+    async def search(text: Text, k: Annotated[int, Form(ge=1, le=max_k)] = 10, image: Upload = None,
+                     image_id: ImageId = None) -> SearchResponse:
+        """The k gallery images best matching the reference modified by the text (a gallery
+        reference is left out of its own results; an uploaded one cannot be recognised, so it is not)."""
+        text = _clean_text(text)
+        data = await _upload_bytes(image, image_id, max_upload_bytes)
+        if image_id is not None:
+            engine.gallery_path(image_id)  # a bad or unknown id is refused before the model is queued
+
+        def query() -> list[tuple[str, float]]:
+            reference = decode_upload(data, max_pixels) if image_id is None else image_id
+            return search_index(engine.index, engine.model, reference, text, k)
+
+        results = await engine.run(query)
+        hits = [Hit(id=name, score=score, url=f"/api/images/{quote(name)}") for name, score in results]
+        return SearchResponse(results=hits, reference=image_id)
+
+    @app.get("/api/images/{image_id:path}", response_class=FileResponse,
+             responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}})
+    async def gallery_image(image_id: str, thumb: bool = False) -> Response:
+        """A gallery image by its index id, as stored, or as a PNG thumbnail of at most 256 px."""
+        path = engine.gallery_path(image_id)
+        if not thumb:
+            return FileResponse(path)
+        return Response(await run_in_threadpool(thumbnail_png, path), media_type="image/png")
+
+    @app.post("/api/explain", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def explain(text: Text, target_id: Annotated[str, Form(description="the retrieved gallery image")],
+                      image: Upload = None, image_id: ImageId = None,
+                      method: Annotated[Literal["mmgrad", "gradcam"], Form()] = "mmgrad",
+                      side: Annotated[Literal["reference", "target"], Form()] = "reference") -> Response:
+        """Heat-map of where the model looked, over the reference or the target, as a PNG."""
+        text = _clean_text(text)
+        data = await _upload_bytes(image, image_id, max_upload_bytes)
+        reference_path = engine.gallery_path(image_id) if image_id is not None else None
+        target_path = engine.gallery_path(target_id)
+
+        def overlay() -> bytes:
+            reference = decode_upload(data, max_pixels) if reference_path is None else load_image(reference_path)
+            target = load_image(target_path)
+            saliency = explain_pair(engine.model, reference, text, target, method=method, side=side)
+            explained = reference if side == "reference" else target
+            scale = max(1, math.ceil(MIN_OVERLAY_PX / explained.width))
+            return _png(heatmap_overlay(explained, saliency, scale=scale))
+
+        return Response(await engine.run(overlay), media_type="image/png")
+
+    return app
