@@ -7,8 +7,8 @@ import pytest
 
 from cirlab.cli import build_parser, main
 
-SUBCOMMANDS = [["data", "make-css"], ["data", "check"], ["index", "build"], ["index", "info"], ["search"], ["explain"], ["serve"],
-               ["train"], ["eval"], ["demo"], ["models"]]
+SUBCOMMANDS = [["data", "make-css"], ["data", "check"], ["index", "build"], ["index", "info"], ["search"],
+               ["explain"], ["serve"], ["train"], ["eval"], ["demo"], ["models"]]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS)
