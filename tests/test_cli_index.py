@@ -27,7 +27,8 @@ def test_build_info_search_and_refuse_another_model(tiny_css, checkpoints, tmp_p
     assert main(["index", "build", str(checkpoints[0]), str(tiny_css / "images"), "--out", str(index)]) == 0
     assert f"{len(images)} images indexed" in capsys.readouterr().out
     assert main(["index", "info", str(index)]) == 0
-    assert json.loads(capsys.readouterr().out)["count"] == len(images)
+    info = json.loads(capsys.readouterr().out)
+    assert info["count"] == len(images) and info["checkpoint"] == str(checkpoints[0].resolve())
 
     reference = "css_test_000001.png"
     assert main(["search", str(index), "--checkpoint", str(checkpoints[0]), "--id", reference,
@@ -35,6 +36,9 @@ def test_build_info_search_and_refuse_another_model(tiny_css, checkpoints, tmp_p
     results = json.loads(capsys.readouterr().out)
     assert len(results) == 5 and reference not in [r["id"] for r in results]
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    # without --checkpoint, the one recorded in the index at build time is used
+    assert main(["search", str(index), "--id", reference, "--text", "remove object", "-k", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == results
 
     assert main(["search", str(index), "--checkpoint", str(checkpoints[1]), "--id", reference,
                  "--text", "remove object"]) == 2

@@ -66,13 +66,14 @@ def _cmd_index_info(args: argparse.Namespace) -> None:
 def _cmd_search(args: argparse.Namespace) -> None:
     from cirlab.checkpoint import load_checkpoint
     from cirlab.data.css import load_image
-    from cirlab.index.build import model_identity, search_index
+    from cirlab.index.build import model_identity, recorded_checkpoint, search_index
     from cirlab.index.faiss_index import FaissIndex
 
     if not args.text.strip():
         raise ValueError("the modification text is empty")
-    model = load_checkpoint(Path(args.checkpoint)).model
-    with FaissIndex.open(Path(args.index), model_id=model_identity(Path(args.checkpoint))) as index:
+    checkpoint = Path(args.checkpoint) if args.checkpoint else recorded_checkpoint(Path(args.index))
+    model = load_checkpoint(checkpoint).model
+    with FaissIndex.open(Path(args.index), model_id=model_identity(checkpoint)) as index:
         reference = args.id if args.id is not None else load_image(Path(args.image))
         results = search_index(index, model, reference, args.text, k=args.k)
     if args.json:
@@ -104,9 +105,11 @@ def _cmd_explain(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from cirlab.index.build import recorded_checkpoint
     from cirlab.serve.app import create_app
 
-    app = create_app(Path(args.index), Path(args.checkpoint))
+    checkpoint = Path(args.checkpoint) if args.checkpoint else recorded_checkpoint(Path(args.index))
+    app = create_app(Path(args.index), checkpoint)
     print(f"serving {args.index} on http://{args.host}:{args.port} (API docs at /docs)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
@@ -176,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = commands.add_parser("search", help="composed query against an index: a reference image and a text")
     search.add_argument("index", help="index folder")
-    search.add_argument("--checkpoint", required=True, help="the checkpoint the index was built with")
+    search.add_argument("--checkpoint", help="checkpoint folder (default: the one the index was built with)")
     reference = search.add_mutually_exclusive_group(required=True)
     reference.add_argument("--image", help="reference image file")
     reference.add_argument("--id", help="reference given as a gallery image id (its path in the gallery)")
@@ -199,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="REST API over an index (search, gallery images, explanations)")
     serve.add_argument("index", help="index folder")
-    serve.add_argument("--checkpoint", required=True, help="the checkpoint the index was built with")
+    serve.add_argument("--checkpoint", help="checkpoint folder (default: the one the index was built with)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=_cmd_serve)

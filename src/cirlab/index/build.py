@@ -122,7 +122,8 @@ def build_index(checkpoint_folder: Path, image_dir: Path, out_folder: Path, batc
                     chunk = missing[start:start + commit_every]
                     vectors = _embed_files(model, [image_dir / name for name in chunk], batch_size, device, bar)
                     if index is None:  # created only now, when the vector dimension is known
-                        index = FaissIndex.create(out_folder, vectors.shape[1], model_id, factory, image_dir)
+                        index = FaissIndex.create(out_folder, vectors.shape[1], model_id, factory, image_dir,
+                                                  checkpoint=Path(checkpoint_folder))
                     index.add(chunk, vectors)
                     index.commit()
     except BaseException:
@@ -130,6 +131,14 @@ def build_index(checkpoint_folder: Path, image_dir: Path, out_folder: Path, batc
             index.close()  # discards only the uncommitted chunk
         raise
     return index
+
+
+def recorded_checkpoint(index_folder: Path) -> Path:
+    """The checkpoint an index was built with, as `build_index` recorded it."""
+    with FaissIndex.open(Path(index_folder)) as index:
+        if index.checkpoint is None:
+            raise ValueError(f"{index_folder}: the index records no checkpoint; pass --checkpoint")
+        return index.checkpoint
 
 
 def _gallery_image(index: FaissIndex, image_id: str) -> Image.Image:

@@ -124,7 +124,7 @@ class FaissIndex:
 
     @classmethod
     def create(cls, folder: Path, dim: int, model_id: str, factory: str = "Flat",
-               gallery_root: Path | None = None) -> FaissIndex:
+               gallery_root: Path | None = None, checkpoint: Path | None = None) -> FaissIndex:
         folder = Path(folder)
         if cls.exists(folder):
             raise FileExistsError(f"{folder}: already holds an index; open it instead")
@@ -137,6 +137,7 @@ class FaissIndex:
         meta = {
             "format_version": str(FORMAT_VERSION), "backend": "faiss", "model_id": model_id, "dim": str(dim),
             "factory": factory, "gallery_root": "" if gallery_root is None else str(Path(gallery_root).resolve()),
+            "checkpoint": "" if checkpoint is None else str(Path(checkpoint).resolve()),
             "generation": "-1", "count": "0", "next_id": "0",
         }
         created = cls(folder, index, connection, meta)
@@ -313,6 +314,12 @@ class FaissIndex:
     def gallery_root(self) -> Path | None:
         return Path(self._meta["gallery_root"]) if self._meta["gallery_root"] else None
 
+    @property
+    def checkpoint(self) -> Path | None:
+        """The checkpoint folder the index was built with, where it recorded one."""
+        recorded = self._meta.get("checkpoint")
+        return Path(recorded) if recorded else None
+
     def reconstruct(self, ids: Iterable[str]) -> np.ndarray:
         """The stored vectors of `ids` (N x D), e.g. for exact rescoring."""
         names = list(ids)
@@ -349,6 +356,7 @@ class FaissIndex:
             "factory": self.factory, "count": len(self), "tombstones": len(self._tombstones),
             "trained": bool(self._index.is_trained), "generation": int(self._meta["generation"]),
             "gallery_root": self._meta["gallery_root"] or None, "uncommitted_changes": self._dirty,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
         }
 
 
