@@ -7,7 +7,8 @@ import pytest
 
 from cirlab.cli import build_parser, main
 
-SUBCOMMANDS = [["data", "make-css"], ["data", "check"], ["index", "build"], ["index", "info"], ["search"],
+SUBCOMMANDS = [["data", "make-css"], ["data", "check"], ["index", "build"], ["index", "add"],
+               ["index", "remove"], ["index", "info"], ["search"],
                ["explain"], ["serve"], ["train"], ["eval"], ["demo"], ["models"]]
 
 

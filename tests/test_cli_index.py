@@ -55,3 +55,27 @@ def test_search_bad_input(tiny_css, checkpoints, tmp_path, capsys, extra, messag
     capsys.readouterr()
     assert main(["search", str(index), "--checkpoint", str(checkpoints[0]), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_index_add_embeds_new_gallery_images_and_remove_takes_them_out(tiny_css, checkpoints, tmp_path, capsys):
+    import shutil
+
+    gallery = tmp_path / "gallery"
+    names = sorted(p.name for p in (tiny_css / "images").glob("*.png"))
+    gallery.mkdir()
+    for name in names[:10]:
+        shutil.copy(tiny_css / "images" / name, gallery / name)
+    index = tmp_path / "index"
+    assert main(["index", "build", str(checkpoints[0]), str(gallery), "--out", str(index)]) == 0
+    for name in names[10:13]:
+        shutil.copy(tiny_css / "images" / name, gallery / name)
+    capsys.readouterr()
+    assert main(["index", "add", str(index)]) == 0
+    assert "3 new images added" in capsys.readouterr().out
+    assert main(["index", "remove", str(index), names[0], names[11]]) == 0
+    assert "removed 2 images, 11 left" in capsys.readouterr().out
+    assert main(["search", str(index), "--id", names[1], "--text", "remove object", "-k", "20", "--json"]) == 0
+    found = {r["id"] for r in json.loads(capsys.readouterr().out)}
+    assert found == set(names[2:13]) - {names[11]}
+    assert main(["index", "remove", str(index), "nope.png"]) == 2
+    assert "nope.png" in capsys.readouterr().err

@@ -56,6 +56,28 @@ def _cmd_index_build(args: argparse.Namespace) -> None:
         print(f"{args.out}: {len(index)} images indexed ({index.factory})")
 
 
+def _cmd_index_add(args: argparse.Namespace) -> None:
+    from cirlab.index.build import build_index, recorded_checkpoint
+    from cirlab.index.faiss_index import FaissIndex
+
+    with FaissIndex.open(Path(args.index)) as index:
+        before, gallery, factory = len(index), index.gallery_root, index.factory
+    if gallery is None:
+        raise ValueError(f"{args.index}: the index records no gallery folder to add images from")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else recorded_checkpoint(Path(args.index))
+    with build_index(checkpoint, gallery, Path(args.index), factory=factory) as index:
+        print(f"{args.index}: {len(index) - before} new images added from {gallery}, {len(index)} in all")
+
+
+def _cmd_index_remove(args: argparse.Namespace) -> None:
+    from cirlab.index.faiss_index import FaissIndex
+
+    with FaissIndex.open(Path(args.index)) as index:
+        index.remove(args.ids)
+        index.commit()
+        print(f"{args.index}: removed {len(set(args.ids))} images, {len(index)} left")
+
+
 def _cmd_index_info(args: argparse.Namespace) -> None:
     from cirlab.index.faiss_index import FaissIndex
 
@@ -173,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--factory", default="Flat", help="FAISS factory string: Flat (exact), IVF64,Flat, HNSW32, ...")
     build.add_argument("--batch-size", type=int, default=64)
     build.set_defaults(func=_cmd_index_build)
+    add = index_commands.add_parser("add", help="embed the images added to the index's gallery folder since "
+                                                "the last build")
+    add.add_argument("index", help="index folder")
+    add.add_argument("--checkpoint", help="checkpoint folder (default: the one the index was built with)")
+    add.set_defaults(func=_cmd_index_add)
+    remove = index_commands.add_parser("remove", help="take images out of an index (delete the files too, or "
+                                                      "a later `index add` brings them back)")
+    remove.add_argument("index", help="index folder")
+    remove.add_argument("ids", nargs="+", help="image ids (paths relative to the gallery folder)")
+    remove.set_defaults(func=_cmd_index_remove)
     info = index_commands.add_parser("info", help="what an index holds: model id, size, factory, gallery folder")
     info.add_argument("index", help="index folder")
     info.set_defaults(func=_cmd_index_info)
