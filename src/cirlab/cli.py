@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
@@ -11,6 +10,11 @@ from pathlib import Path
 from cirlab.config import ConfigError
 
 EPILOG = "Settings: --set section.key=value (repeatable), e.g. --set train.iterations=2000 --set model.name=concat"
+
+
+def _require_text(text: str) -> None:
+    if not text.strip():
+        raise ValueError("the modification text is empty")
 
 
 def _cmd_make_css(args: argparse.Namespace) -> None:
@@ -91,8 +95,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
     from cirlab.index.build import model_identity, recorded_checkpoint, search_index
     from cirlab.index.faiss_index import FaissIndex
 
-    if not args.text.strip():
-        raise ValueError("the modification text is empty")
+    _require_text(args.text)
     checkpoint = Path(args.checkpoint) if args.checkpoint else recorded_checkpoint(Path(args.index))
     model = load_checkpoint(checkpoint).model
     with FaissIndex.open(Path(args.index), model_id=model_identity(checkpoint)) as index:
@@ -109,17 +112,14 @@ def _cmd_explain(args: argparse.Namespace) -> None:
     from cirlab.checkpoint import load_checkpoint
     from cirlab.data.css import load_image
     from cirlab.explain.overlay import explain_pair, heatmap_overlay
-    from cirlab.files import atomic_write_bytes
+    from cirlab.files import atomic_write_bytes, png_bytes
 
-    if not args.text.strip():
-        raise ValueError("the modification text is empty")
+    _require_text(args.text)
     reference, target = load_image(Path(args.image)), load_image(Path(args.target))
     model = load_checkpoint(Path(args.checkpoint)).model
     saliency = explain_pair(model, reference, args.text, target, method=args.method, side=args.side)
     explained = reference if args.side == "reference" else target
-    buffer = io.BytesIO()
-    heatmap_overlay(explained, saliency, scale=args.scale).save(buffer, format="PNG")
-    atomic_write_bytes(Path(args.out), buffer.getvalue())
+    atomic_write_bytes(Path(args.out), png_bytes(heatmap_overlay(explained, saliency, scale=args.scale)))
     row, col = divmod(int(saliency.argmax()), saliency.shape[1])
     print(f"wrote {args.out} ({args.method} on the {args.side} image; hottest pixel at row {row}, column {col})")
 

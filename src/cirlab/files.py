@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
+
+from PIL import Image
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -19,6 +22,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """A PIL image encoded as PNG, in memory."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def atomic_write_text(path: Path, text: str) -> None:

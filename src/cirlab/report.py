@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cirlab.data.records import RetrievalSplit  # noqa: E402
-from cirlab.files import atomic_write_bytes, atomic_write_text  # noqa: E402
+from cirlab.files import atomic_write_bytes, atomic_write_text, png_bytes  # noqa: E402
 
 
 @dataclass
@@ -72,9 +72,7 @@ def rank_examples(scores: torch.Tensor, split: RetrievalSplit, query_indices: li
 
 
 def _image_tag(path: Path, caption: str, css_class: str = "") -> str:
-    buffer = io.BytesIO()
-    Image.open(path).convert("RGB").save(buffer, format="PNG")
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    data = base64.b64encode(png_bytes(Image.open(path).convert("RGB"))).decode("ascii")
     return (f'<figure class="{css_class}"><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 

@@ -32,6 +32,7 @@ from cirlab.checkpoint import load_checkpoint
 from cirlab.data.css import load_image
 from cirlab.data.errors import DataFormatError
 from cirlab.explain.overlay import explain_pair, heatmap_overlay
+from cirlab.files import png_bytes
 from cirlab.index.build import model_identity, search_index
 from cirlab.index.faiss_index import FaissIndex
 from cirlab.models.base import CIRModel
@@ -171,13 +172,7 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
 def thumbnail_png(path: Path, size: int = THUMB_PX) -> bytes:
     image = load_image(path).convert("RGB")
     image.thumbnail((size, size))  # keeps the aspect ratio and never enlarges
-    return _png(image)
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(image)
 
 
 async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -260,7 +255,7 @@ def create_app(index_folder: Path, checkpoint_folder: Path, max_upload_bytes: in
             saliency = explain_pair(engine.model, reference, text, target, method=method, side=side)
             explained = reference if side == "reference" else target
             scale = max(1, math.ceil(MIN_OVERLAY_PX / explained.width))
-            return _png(heatmap_overlay(explained, saliency, scale=scale))
+            return png_bytes(heatmap_overlay(explained, saliency, scale=scale))
 
         return Response(await engine.run(overlay), media_type="image/png")
 
