@@ -38,7 +38,7 @@ def test_val_metrics_remove_the_reference_and_rank_within_the_subset(root):
     subset = recall_subset_at_k(VAL_SCORES, evalset)
     assert subset == pytest.approx({"Rsubset@1": 200 / 3, "Rsubset@2": 200 / 3, "Rsubset@3": 100.0})
     assert cirr_average({**metrics, **subset}) == pytest.approx(250 / 3)
-    assert train[0].text == "add a red ball" and train[0].target == "train-11-1-img0"
+    assert train.triplets[0].text == "add a red ball" and train.triplets[0].target == "train-11-1-img0"
     assert "reference = removed" in evalset.describe()
 
 

@@ -49,11 +49,11 @@ def test_listed_queries_and_caption_hits(root):
 
 def test_train_triplets_are_seeded_tirg_samples(root):
     train, _ = load_fashion200k(root, seed=3)
-    assert [(t.reference, t.text) for t in train] == [
+    assert [(t.reference, t.text) for t in train.triplets] == [
         (D + "x/10.jpeg", "replace blue with red"), (D + "x/11.jpeg", "replace red with blue"),
         (D + "x/12.jpeg", "replace red with blue")]
-    assert train[0].target in {D + "x/11.jpeg", D + "x/12.jpeg"}
-    assert train[1].target == train[2].target == D + "x/10.jpeg"
+    assert train.triplets[0].target in {D + "x/11.jpeg", D + "x/12.jpeg"}
+    assert train.triplets[1].target == train.triplets[2].target == D + "x/10.jpeg"
     assert load_fashion200k(root, seed=3)[0] == train
 
 

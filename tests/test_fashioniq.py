@@ -65,7 +65,8 @@ def test_default_protocol_keeps_the_reference(root):
     assert "reference = kept" in evalset.describe()
     assert recall_at_k(torch.tensor(SCORES), evalset, ks=(1, 2, 5)) == pytest.approx(
         {"R@1": 0.0, "R@2": 200 / 3, "R@5": 100.0})
-    assert train[1].text == "Is shorter and is red" and (train[1].reference, train[1].target) == ("A2", "A3")
+    second = train.triplets[1]
+    assert second.text == "Is shorter and is red" and (second.reference, second.target) == ("A2", "A3")
 
 
 def test_reference_removed_as_artemis(root):
@@ -82,7 +83,7 @@ def test_query_image_gallery(root):
 
 def test_cmap_doubles_queries_and_symmetric_has_two_variants(root):
     train, cmap = load_fashioniq(root, "dress", caption_join="cmap")
-    assert len(cmap.queries) == 6 and len(train) == 4
+    assert len(cmap.queries) == 6 and len(train.triplets) == 4
     assert cmap.queries[1].text == "is black with straps . <and> is solid black with no sleeves"
     assert "two per triplet" in cmap.describe()
     _, symmetric = load_fashioniq(root, "dress", caption_join="symmetric")

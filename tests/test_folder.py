@@ -22,14 +22,14 @@ def test_records_gallery_and_metrics(root):
     assert evalset.queries[1].targets == frozenset({"d.jpg"})   # "./d.jpg" normalised
     assert evalset.image_paths["shoes/c.png"] == root / "shoes" / "c.png"
     assert recall_at_k(SCORES, evalset, ks=(1, 2)) == pytest.approx({"R@1": 50.0, "R@2": 100.0})
-    assert [(t.reference, t.text, t.target) for t in train] == [("d.jpg", "make it red", "shirts/a.jpg")]
+    assert [(t.reference, t.text, t.target) for t in train.triplets] == [("d.jpg", "make it red", "shirts/a.jpg")]
     _, kept = load_folder(root, root / "val.jsonl", reference="kept")
     assert recall_at_k(SCORES, kept, ks=(1, 2, 3)) == pytest.approx({"R@1": 0.0, "R@2": 50.0, "R@3": 100.0})
 
 
 def test_folder_gallery_lists_every_image(root):
     train, evalset = load_folder(root, root / "val.jsonl", gallery="folder")
-    assert train == []
+    assert train.triplets == [] and train.image_paths == {}
     assert evalset.gallery == ["d.jpg", "e.jpg", "shirts/a.jpg", "shirts/b.jpg", "shoes/c.png"]
     assert "every image file of the folder" in evalset.describe()
 

@@ -39,8 +39,9 @@ def test_split_and_queries_as_tirg(root):
 
 def test_train_triplets_pair_two_different_adjectives(root):
     train, _ = load_mitstates(root, seed=5)
-    assert [t.reference for t in train] == ["new car/n1.jpg"] * 2 + ["new car/n2.jpg"] * 2 + ["old car/o1.jpg"] * 2
-    for first, second in zip(train[::2], train[1::2]):
+    references = [t.reference for t in train.triplets]
+    assert references == ["new car/n1.jpg"] * 2 + ["new car/n2.jpg"] * 2 + ["old car/o1.jpg"] * 2
+    for first, second in zip(train.triplets[::2], train.triplets[1::2]):
         assert {first.text, second.text} == {"new", "old"}
         for triplet in (first, second):
             assert triplet.target.startswith(f"{triplet.text} car/")

@@ -27,7 +27,7 @@ def test_eval_set_and_metrics(root):
     assert evalset.ks == (1, 10, 50)
     assert recall_at_k(SCORES, evalset) == pytest.approx({"R@1": 50.0, "R@10": 100.0, "R@50": 100.0})
     assert recall_at_k(SCORES, evalset, ks=(2, 3)) == pytest.approx({"R@2": 50.0, "R@3": 100.0})
-    assert [(t.reference, t.text, t.target) for t in train] == [
+    assert [(t.reference, t.text, t.target) for t in train.triplets] == [
         ("img_womens_clogs_1.jpg", "is more of a textured material", "img_womens_clogs_2.jpg"),
         ("img_womens_clogs_2.jpg", "is taller and darker", "img_womens_boots_1.jpg")]
 

@@ -25,6 +25,7 @@ from cirlab.data.errors import DataFormatError
 from cirlab.data.evalsets import (
     EvalQuery,
     EvalSet,
+    TrainingSet,
     Triplet,
     missing_images,
     raise_first,
@@ -107,14 +108,17 @@ def _query(entry: dict) -> EvalQuery:
     return EvalQuery(reference, entry["caption"], targets, frozenset([reference]), subset, str(entry["pairid"]))
 
 
-def _train_triplets(root: Path, annotations: str) -> list[Triplet]:
-    path, _ = _paths(root, annotations, "train")
+def _training_set(root: Path, annotations: str) -> TrainingSet:
+    path, split_path = _paths(root, annotations, "train")
     entries, problems = _read_entries(path, labelled=True)
-    raise_first(problems, "check_cirr")
-    return [Triplet(e["reference"], e["caption"], e["target_hard"]) for e in entries]
+    images, split_problems = _read_split(split_path, root)
+    raise_first(problems + split_problems, "check_cirr")
+    raise_first(_unknown_images(entries, images, path, labelled=True), "check_cirr")
+    return TrainingSet.located([Triplet(e["reference"], e["caption"], e["target_hard"]) for e in entries],
+                               images.__getitem__)
 
 
-def load_cirr(root: Path | str, split: str = "val", *, annotations: str = "cirr") -> tuple[list[Triplet], EvalSet]:
+def load_cirr(root: Path | str, split: str = "val", *, annotations: str = "cirr") -> tuple[TrainingSet, EvalSet]:
     """Training triplets (cap.rc2.train.json) and the evaluation set of `split` ("val" or "test1")."""
     if split not in SPLITS[1:]:
         raise ValueError(f"unknown CIRR split {split!r} (known: {', '.join(SPLITS[1:])})")
@@ -127,7 +131,7 @@ def load_cirr(root: Path | str, split: str = "val", *, annotations: str = "cirr"
     raise_first(_unknown_images(entries, images, captions_path, labelled), "check_cirr")
     evalset = EvalSet(benchmark="cirr", split=split, gallery=list(images), image_paths=images,
                       queries=[_query(e) for e in entries], protocol=dict(PROTOCOL), ks=KS)
-    return _train_triplets(root, annotations), evalset
+    return _training_set(root, annotations), evalset
 
 
 def cirr_average(metrics: dict[str, float]) -> float:

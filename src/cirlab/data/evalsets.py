@@ -33,6 +33,20 @@ class Triplet:
     target: str
 
 
+@dataclass
+class TrainingSet:
+    """A benchmark's training triplets and the file of every image they name."""
+
+    triplets: list[Triplet]
+    image_paths: dict[str, Path]
+
+    @classmethod
+    def located(cls, triplets: list[Triplet], locate: Callable[[str], Path]) -> TrainingSet:
+        """Triplets whose image files `locate(image_id)` finds."""
+        named = dict.fromkeys(image for t in triplets for image in (t.reference, t.target))
+        return cls(triplets, {image: locate(image) for image in named})
+
+
 @dataclass(frozen=True)
 class EvalQuery:
     reference: str                          # image id

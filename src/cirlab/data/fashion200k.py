@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cirlab.data.evalsets import EvalQuery, EvalSet, Triplet, missing_images, raise_first, read_lines
+from cirlab.data.evalsets import EvalQuery, EvalSet, TrainingSet, Triplet, missing_images, raise_first, read_lines
 
 SPLITS = ("train", "test")
 QUERIES_FILE = "test_queries.txt"
@@ -193,7 +193,7 @@ def _protocol(queries: str, seed: int) -> dict[str, Any]:
             "text": "replace {w_s} with {w_t}", "train": f"one TIRG-sampled triplet per modifiable image, seed {seed}"}
 
 
-def load_fashion200k(root: Path | str, *, seed: int = 0) -> tuple[list[Triplet], EvalSet]:
+def load_fashion200k(root: Path | str, *, seed: int = 0) -> tuple[TrainingSet, EvalSet]:
     """Training triplets (seeded TIRG sampling) and the test evaluation set."""
     root = Path(root)
     train, train_problems = _read_split(root, "train")
@@ -204,7 +204,7 @@ def load_fashion200k(root: Path | str, *, seed: int = 0) -> tuple[list[Triplet],
     evalset = EvalSet(benchmark="fashion200k", split="test", gallery=[image.path for image in test],
                       image_paths={image.path: root / image.path for image in test}, queries=queries,
                       protocol=_protocol(origin, seed), ks=KS)
-    return _train_triplets(train, seed), evalset
+    return TrainingSet.located(_train_triplets(train, seed), lambda image: root / image), evalset
 
 
 def check_fashion200k(root: Path | str) -> list[str]:

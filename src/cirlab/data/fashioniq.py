@@ -27,7 +27,7 @@ from statistics import mean
 from typing import Any
 
 from cirlab.data.errors import DataFormatError
-from cirlab.data.evalsets import EvalQuery, EvalSet, Triplet, raise_first, read_json, read_json_records
+from cirlab.data.evalsets import EvalQuery, EvalSet, TrainingSet, Triplet, raise_first, read_json, read_json_records
 
 CATEGORIES = ("dress", "shirt", "toptee")
 SPLITS = ("train", "val", "test")
@@ -136,13 +136,14 @@ def _texts(entry: dict, caption_join: str, corrections: Mapping[str, str] | None
     return join_captions(entry["captions"], caption_join, corrections)
 
 
-def _train_triplets(root: Path, category: str, caption_join: str,
-                    corrections: Mapping[str, str] | None) -> list[Triplet]:
+def _training_set(root: Path, category: str, caption_join: str, corrections: Mapping[str, str] | None,
+                  extension: str) -> TrainingSet:
     path = _captions_file(root, category, "train")
     entries, problems = _read_entries(path, with_target=True)
     raise_first(problems, "check_fashioniq")
-    return [Triplet(e["candidate"], text, e["target"]) for e in entries
-            for text in _texts(e, caption_join, corrections)]
+    triplets = [Triplet(e["candidate"], text, e["target"]) for e in entries
+                for text in _texts(e, caption_join, corrections)]
+    return TrainingSet.located(triplets, lambda image: root / "images" / f"{image}{extension}")
 
 
 def _queries(entries: list[dict], caption_join: str, reference: str,
@@ -194,7 +195,7 @@ def _protocol(gallery: str, reference: str, caption_join: str, corrections: Path
 
 def load_fashioniq(root: Path | str, category: str, split: str = "val", *, gallery: str = "split",
                    reference: str = "kept", caption_join: str = "clip4cir", image_ext: str = "auto",
-                   corrections: Path | None = None) -> tuple[list[Triplet], EvalSet]:
+                   corrections: Path | None = None) -> tuple[TrainingSet, EvalSet]:
     """Training triplets of `category` (from cap.<category>.train.json, which must exist) and its
     evaluation set for `split` ("val" or "test").
 
@@ -221,7 +222,7 @@ def load_fashioniq(root: Path | str, category: str, split: str = "val", *, galle
         image_paths={image: root / "images" / f"{image}{extension}" for image in sorted(image_ids)},
         queries=_queries(entries, caption_join, reference, table),
         protocol=_protocol(gallery, reference, caption_join, corrections, extension), ks=KS)
-    return _train_triplets(root, category, caption_join, table), evalset
+    return _training_set(root, category, caption_join, table, extension), evalset
 
 
 def combine_categories(per_category: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from cirlab.data.errors import DataFormatError
-from cirlab.data.evalsets import EvalQuery, EvalSet, Triplet, missing_images, raise_first, read_lines
+from cirlab.data.evalsets import EvalQuery, EvalSet, TrainingSet, Triplet, missing_images, raise_first, read_lines
 
 KEYS = ("reference", "text", "target")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -86,7 +86,7 @@ def _triplet(record: dict) -> Triplet:
 
 def load_folder(folder: Path | str, eval_file: Path | str, train_file: Path | str | None = None, *,
                 gallery: str = "eval_images", reference: str = "removed",
-                ks: Sequence[int] = KS) -> tuple[list[Triplet], EvalSet]:
+                ks: Sequence[int] = KS) -> tuple[TrainingSet, EvalSet]:
     """Training triplets of `train_file` (none without one) and the evaluation set of `eval_file`."""
     for name, value, known in (("gallery", gallery, GALLERIES), ("reference", reference, REFERENCE_RULES)):
         if value not in known:
@@ -108,7 +108,7 @@ def load_folder(folder: Path | str, eval_file: Path | str, train_file: Path | st
         protocol={"gallery": "images named by the evaluation records" if gallery == "eval_images"
                   else "every image file of the folder", "reference": reference, "hit": "the record's target image"},
         ks=tuple(ks))
-    return [_triplet(r) for r in train_records], evalset
+    return TrainingSet.located([_triplet(r) for r in train_records], lambda image: folder / image), evalset
 
 
 def check_folder(folder: Path | str, files: Sequence[Path | str]) -> list[str]:

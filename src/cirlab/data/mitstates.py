@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cirlab.data.errors import DataFormatError
-from cirlab.data.evalsets import EvalQuery, EvalSet, Triplet, raise_first
+from cirlab.data.evalsets import EvalQuery, EvalSet, TrainingSet, Triplet, raise_first
 
 TEST_NOUNS = frozenset({
     "armor", "bracelet", "bush", "camera", "candy", "castle", "ceramic", "cheese", "clock", "clothes", "coffee",
@@ -122,7 +122,7 @@ def _split(root: Path, split: str) -> tuple[list[StateImage], _Index]:
     return images, index
 
 
-def load_mitstates(root: Path | str, *, seed: int = 0) -> tuple[list[Triplet], EvalSet]:
+def load_mitstates(root: Path | str, *, seed: int = 0) -> tuple[TrainingSet, EvalSet]:
     """Training triplets (two seeded TIRG draws per train image) and the test evaluation set."""
     root = Path(root)
     train, train_index = _split(root, "train")
@@ -132,7 +132,8 @@ def load_mitstates(root: Path | str, *, seed: int = 0) -> tuple[list[Triplet], E
                       queries=_queries(test, test_index),
                       protocol={**PROTOCOL, "train": f"two TIRG-sampled triplets per train image, seed {seed}"},
                       ks=KS)
-    return _train_triplets(train, train_index, seed), evalset
+    training = TrainingSet.located(_train_triplets(train, train_index, seed), lambda image: root / "images" / image)
+    return training, evalset
 
 
 def check_mitstates(root: Path | str) -> list[str]:

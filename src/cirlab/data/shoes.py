@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cirlab.data.errors import DataFormatError
-from cirlab.data.evalsets import EvalQuery, EvalSet, Triplet, raise_first, read_json, read_lines
+from cirlab.data.evalsets import EvalQuery, EvalSet, TrainingSet, Triplet, raise_first, read_json, read_lines
 
 CAPTIONS_FILE = "relative_captions_shoes.json"
 TRAIN_NAMES = "train_im_names.txt"
@@ -89,7 +89,7 @@ def _triplets(entries: list[dict], names: set[str]) -> list[dict[str, Any]]:
     return [e for e in entries if e["ReferenceImageName"] in names and e["ImageName"] in names]
 
 
-def load_shoes(root: Path | str) -> tuple[list[Triplet], EvalSet]:
+def load_shoes(root: Path | str) -> tuple[TrainingSet, EvalSet]:
     """Training triplets and the evaluation set (the release has one evaluation split, "eval")."""
     root = Path(root)
     entries, train, evaluation, images, problems = _load(root)
@@ -106,7 +106,7 @@ def load_shoes(root: Path | str) -> tuple[list[Triplet], EvalSet]:
                       protocol=dict(PROTOCOL), ks=KS)
     train_triplets = [Triplet(e["ReferenceImageName"], e["RelativeCaption"].strip(), e["ImageName"])
                       for e in _triplets(entries, set(train))]
-    return train_triplets, evalset
+    return TrainingSet.located(train_triplets, images.__getitem__), evalset
 
 
 def check_shoes(root: Path | str) -> list[str]:
