@@ -43,7 +43,7 @@ def test_recall_from_embeddings_in_chunks_equals_whole():
 
 def test_markdown_table_states_the_protocol():
     protocol = css_protocol(ProtocolConfig(ks=[1, 10]))
-    table = markdown_table({"tirg": {"R@1": 73.66, "R@10": 90.0}}, protocol)
+    table = markdown_table({"tirg": {"R@1": 73.66, "R@10": 90.0}}, protocol.describe())
     assert "| tirg | 73.7 | 90.0 |" in table
     assert "own reference image removed" in table and "label" in table
 

@@ -38,7 +38,7 @@ def test_report_embeds_table_curves_and_examples(tmp_path):
     plot_training_curves({"tirg": metrics}, curves)
     assert Image.open(curves).size == (1000, 360)
     table = markdown_table({"tirg": {"R@1": 50.0, "R@5": 75.0, "R@10": 100.0, "R@50": 100.0}},
-                           css_protocol(ProtocolConfig()))
+                           css_protocol(ProtocolConfig()).describe())
     examples = rank_examples(torch.tensor([[9.0, 1.0, 2.0, 3.0], [0.0, 9.0, 5.0, 1.0]]), split, [0, 1], k=2)
     out = tmp_path / "report.html"
     write_report(out, "demo", table, curves, split, {"tirg": examples})

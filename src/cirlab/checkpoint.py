@@ -120,6 +120,7 @@ def load_checkpoint(folder: Path, overrides: list[str] | None = None) -> Checkpo
     vocab = Vocabulary.from_list(_read_json(folder / VOCAB_FILE))
     # The backbone's weights come from the checkpoint itself, never from a path or package.
     model = create_model(dataclasses.replace(config.model, image_weights=None), vocab)
+    model.image_size = config.data.image_size
     try:
         model.load_state_dict(load_file(folder / MODEL_FILE))
     except (RuntimeError, OSError) as error:

@@ -46,8 +46,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_eval(args: argparse.Namespace) -> None:
     from cirlab.evaluate import evaluate_checkpoint, write_result
 
-    result = evaluate_checkpoint(Path(args.checkpoint), args.set, split_name=args.split)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{args.split}"
+    result = evaluate_checkpoint(Path(args.checkpoint), args.set)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{result['split']}"
     print(write_result(result, out))
     print(f"wrote {out}.json and {out}.md")
 
@@ -118,7 +118,8 @@ def _cmd_explain(args: argparse.Namespace) -> None:
     reference, target = load_image(Path(args.image)), load_image(Path(args.target))
     model = load_checkpoint(Path(args.checkpoint)).model
     saliency = explain_pair(model, reference, args.text, target, method=args.method, side=args.side)
-    explained = reference if args.side == "reference" else target
+    from cirlab.data.tensors import square_image
+    explained = square_image(reference if args.side == "reference" else target, model.image_size)
     atomic_write_bytes(Path(args.out), png_bytes(heatmap_overlay(explained, saliency, scale=args.scale)))
     row, col = divmod(int(saliency.argmax()), saliency.shape[1])
     print(f"wrote {args.out} ({args.method} on the {args.side} image; hottest pixel at row {row}, column {col})")
@@ -177,10 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     continuing.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
     train.set_defaults(func=_cmd_train)
 
-    evaluate = commands.add_parser("eval", help="Recall@K of a checkpoint under its benchmark's protocol",
-                                   epilog="Protocol choices use the same syntax: --set protocol.ks=[1,10]")
+    evaluate = commands.add_parser(
+        "eval", help="Recall@K of a checkpoint under its benchmark's protocol",
+        epilog="Protocol choices are settings too: --set protocol.ks=[1,10], --set protocol.split=test1 (CIRR), "
+               "--set protocol.caption_join=symmetric (FashionIQ); README, 'Benchmarks', lists them all.")
     evaluate.add_argument("checkpoint", help="checkpoint folder (RUN/best)")
-    evaluate.add_argument("--split", choices=["test", "train"], default="test")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     evaluate.add_argument("--out", help="output path without extension (default: RUN/eval-SPLIT)")
     evaluate.set_defaults(func=_cmd_eval)

@@ -26,6 +26,14 @@ class DataConfig:
     root: str = "data/css-demo"
     # Fraction of training *source images* held out as the validation split for checkpoint selection.
     val_fraction: float = 0.1
+    # Side of the square images the model sees: the shorter side is resized to it, then centre-cropped.
+    # null keeps the files' own size (CSS: every image is 64 x 64 already).
+    image_size: int | None = None
+    # FashionIQ: the categories trained on together and evaluated one by one (null = all three).
+    categories: list[str] | None = None
+    # Folder format (`root` = the image folder): JSONL files of {reference, text, target}, relative to root.
+    train_file: str | None = None
+    eval_file: str | None = None
 
 
 @dataclass
@@ -49,6 +57,10 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     loss: str = "soft_triplet"
+    # "pairs": TIRG's CSS sampler (pairs of queries sharing a source image); "shuffled": uniform
+    # batches of distinct queries (FashionIQ, CIRR, Shoes, ...).
+    sampler: str = "pairs"
+    # Per process: N processes under torchrun train on a global batch of N x batch_size.
     batch_size: int = 32
     iterations: int = 160_000
     lr: float = 0.01
@@ -62,7 +74,17 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     device: str = "auto"
+    # Mixed precision on CUDA (ignored on the CPU): autocast to amp_dtype, "bfloat16" or "float16"
+    # (float16 adds a gradient scaler).
     amp: bool = True
+    amp_dtype: str = "bfloat16"
+    # CUDA only: NHWC weights and batches, the layout tensor-core convolutions run fastest on.
+    channels_last: bool = True
+    # torch.compile the image encoder (slow to start, so off by default; mainly for long GPU runs).
+    compile: bool = False
+    # Under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm) instead of
+    # each process's slice; with it N processes of batch B match one process of batch N x B exactly.
+    sync_batchnorm: bool = False
     # Train from backbone feature maps computed once (only possible with a frozen backbone).
     cache_features: bool = True
 
@@ -70,8 +92,16 @@ class TrainConfig:
 @dataclass
 class ProtocolConfig:
     name: str = "css"
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
+    # null = the benchmark's own K (CSS 1/5/10/50, FashionIQ 10/50, CIRR 1/5/10/50, ...).
+    ks: list[int] | None = None
+    # CSS: drop the query's own reference image from its ranking.
     remove_reference: bool = True
+    # Benchmark-specific choices; null = the benchmark's default. Setting one that the chosen
+    # benchmark does not have is an error (see cirlab.data.benchmarks.PROTOCOL_CHOICES).
+    split: str | None = None          # evaluation split: FashionIQ val|test, CIRR val|test1
+    gallery: str | None = None        # FashionIQ split|queries; folder eval_images|folder
+    reference: str | None = None      # FashionIQ and folder: kept|removed
+    caption_join: str | None = None   # FashionIQ: clip4cir|starter_kit|offset|cmap|symmetric
 
 
 @dataclass

@@ -55,7 +55,7 @@ def run_demo(out: Path, config_path: Path, data_root: Path | None = None) -> dic
         queries, gallery = embed_split(model, test_split, test_images, device)
         results[name] = recall_from_embeddings(model, queries, gallery, test_split, protocol)
         examples[name] = rank_examples(model.score(queries[example_ids], gallery).cpu(), test_split, example_ids)
-    table = markdown_table(results, protocol)
+    table = markdown_table(results, protocol.describe())
     print(table)
 
     print("[4/4] writing the report")

@@ -1,13 +1,19 @@
-"""Recall@K under an explicit protocol (TIRG's `test_retrieval.py` for CSS).
+"""Recall@K under an explicit protocol.
 
 A protocol is data: which images form the gallery, whether the query's own reference image is
 removed, what counts as a hit, and which K are reported. Every result states it.
+
+Two paths share the embedding code: the label-based CSS split of TIRG's `test_retrieval.py`
+(vectorised; training validation and the CSS benchmark), and `EvalSet`s with explicit targets and
+exclusions (`cirlab eval` on every benchmark, CSS included).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +22,10 @@ from tqdm import tqdm
 
 from cirlab.checkpoint import load_checkpoint
 from cirlab.config import ProtocolConfig
-from cirlab.data.benchmarks import load_splits
+from cirlab.data.benchmarks import CSS_KS, Benchmark, load_benchmark
+from cirlab.data.cirr import cirr_average
+from cirlab.data.evalsets import EvalSet, average_variant_scores, recall_subset_at_k
+from cirlab.data.evalsets import recall_at_k as evalset_recall_at_k
 from cirlab.data.records import RetrievalSplit
 from cirlab.data.tensors import ImageBatches, PixelImages
 from cirlab.devices import resolve_device
@@ -30,7 +39,7 @@ class Protocol:
     gallery: str
     remove_reference: bool
     hit_rule: str
-    ks: tuple[int, ...] = field(default=(1, 5, 10, 50))
+    ks: tuple[int, ...] = field(default=CSS_KS)
 
     def describe(self) -> str:
         removal = "the query's own reference image removed" if self.remove_reference else "reference kept"
@@ -42,7 +51,7 @@ def css_protocol(config: ProtocolConfig) -> Protocol:
     """TIRG's CSS protocol: gallery = every image of the split, the query's own image excluded
     (only that exact index), hit = a top-K image with the target's label (identical scene)."""
     return Protocol(name="css", gallery="all images of the split", remove_reference=config.remove_reference,
-                    hit_rule="retrieved image has the target's label (same scene)", ks=tuple(config.ks))
+                    hit_rule="retrieved image has the target's label (same scene)", ks=tuple(config.ks or CSS_KS))
 
 
 def recall_at_k(scores: torch.Tensor, references: torch.Tensor, target_labels: torch.Tensor,
@@ -58,9 +67,11 @@ def recall_at_k(scores: torch.Tensor, references: torch.Tensor, target_labels: t
 
 @torch.no_grad()
 def embed_targets(model: CIRModel, images: ImageBatches, device: torch.device, batch_size: int = 256,
-                  progress: bool = True) -> torch.Tensor:
-    chunks = [model.encode_targets(images.batch(range(s, min(s + batch_size, len(images))), device)).float()
-              for s in tqdm(range(0, len(images), batch_size), desc="embedding gallery", unit="batch",
+                  progress: bool = True, indices: Sequence[int] | None = None) -> torch.Tensor:
+    """Target features of `indices` (default: every image), in that order."""
+    indices = list(range(len(images))) if indices is None else list(indices)
+    chunks = [model.encode_targets(images.batch(indices[s:s + batch_size], device)).float()
+              for s in tqdm(range(0, len(indices), batch_size), desc="embedding gallery", unit="batch",
                             disable=not progress, leave=False)]
     return torch.cat(chunks)
 
@@ -113,39 +124,92 @@ def evaluate_split(model: CIRModel, split: RetrievalSplit, images: ImageBatches,
     return recall_from_embeddings(model, queries, gallery, split, protocol)
 
 
-def markdown_table(rows: dict[str, dict[str, float]], protocol: Protocol) -> str:
-    """One row per model, one column per metric, the protocol stated under the table."""
-    metrics = [f"R@{k}" for k in protocol.ks]
+def markdown_table(rows: dict[str, dict[str, float]], protocol_text: str) -> str:
+    """One row per model, one column per metric (those of the first row), the protocol stated under it."""
+    metrics = list(next(iter(rows.values())))
     lines = ["| model | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
     for name, values in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{values[m]:.1f}" for m in metrics) + " |")
     lines.append("")
-    lines.append(protocol.describe())
+    lines.append(protocol_text)
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(folder: Path, overrides: list[str] | None = None, split_name: str = "test",
-                        progress: bool = True) -> dict[str, Any]:
-    """Evaluate a checkpoint folder on its benchmark's `split_name` split; returns a JSON-ready result."""
+@torch.no_grad()
+def score_evalset(model: CIRModel, evalset: EvalSet, images: ImageBatches, column: dict[str, int],
+                  device: torch.device, query_chunk: int = 1024, progress: bool = True
+                  ) -> list[tuple[EvalSet, torch.Tensor]]:
+    """The exact Q x G scores of `evalset`, in query chunks (each with its slice of the set), so a
+    large benchmark never holds the whole matrix; several text variants are averaged (FashionIQ)."""
+    gallery = embed_targets(model, images, device, indices=[column[i] for i in evalset.gallery], progress=progress)
+    chunks = []
+    for start in tqdm(range(0, len(evalset.queries), query_chunk), desc=f"scoring {evalset.benchmark}",
+                      unit="chunk", disable=not progress, leave=False):
+        part = dataclasses.replace(evalset, queries=evalset.queries[start:start + query_chunk])
+        references = images.batch([column[q.reference] for q in part.queries], device)
+        per_variant = [model.score(model.encode_queries(references, part.texts(v)).float(), gallery).cpu()
+                       for v in range(part.text_variants)]
+        chunks.append((part, torch.as_tensor(average_variant_scores(per_variant))))
+    return chunks
+
+
+def evaluate_evalset(model: CIRModel, evalset: EvalSet, device: torch.device, image_size: int | None = None,
+                     ks: Sequence[int] | None = None, progress: bool = True, query_chunk: int = 1024
+                     ) -> dict[str, float]:
+    """Recall@K of `model` on one evaluation set (plus CIRR's Recall_subset where queries have sets)."""
+    ids = list(evalset.image_paths)
+    images = PixelImages([evalset.image_paths[i] for i in ids], progress=progress, size=image_size)
+    column = {image: position for position, image in enumerate(ids)}
+    was_training = model.training
+    model.eval()
+    chunks = score_evalset(model, evalset, images, column, device, query_chunk, progress)
+    model.train(was_training)
+    with_subsets = all(q.subset is not None for q in evalset.queries)
+    totals: dict[str, float] = {}
+    for part, scores in chunks:
+        metrics = evalset_recall_at_k(scores, part, ks)
+        if with_subsets:
+            metrics.update(recall_subset_at_k(scores, part))
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + value * len(part.queries)
+    result = {key: value / len(evalset.queries) for key, value in totals.items()}
+    if with_subsets and {"R@5", "Rsubset@1"} <= set(result):
+        result["avg"] = cirr_average(result)
+    return result
+
+
+def evaluate_benchmark(model: CIRModel, benchmark: Benchmark, device: torch.device, image_size: int | None = None,
+                       ks: Sequence[int] | None = None, progress: bool = True) -> dict[str, float]:
+    """Metrics of every evaluation set; several sets (FashionIQ categories) are reported per set and
+    averaged as the benchmark's papers do."""
+    per_set = {evalset.benchmark: evaluate_evalset(model, evalset, device, image_size, ks, progress)
+               for evalset in benchmark.evalsets}
+    if benchmark.combine is None:
+        (metrics,) = per_set.values()
+        return metrics
+    return benchmark.combine(per_set)
+
+
+def evaluate_checkpoint(folder: Path, overrides: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a checkpoint folder under its benchmark's protocol; returns a JSON-ready result."""
     checkpoint = load_checkpoint(folder, overrides)
     config = checkpoint.config
-    train_split, test_split = load_splits(config.data)
-    split = {"train": train_split, "test": test_split}[split_name]
+    benchmark = load_benchmark(config)
     device = resolve_device(config.train.device)
     model = checkpoint.model.to(device)
-    protocol = css_protocol(config.protocol)
-    metrics = evaluate_split(model, split, PixelImages(split.image_paths, progress=progress), protocol, device,
-                             progress=progress)
-    return {"checkpoint": str(folder), "split": split_name, "queries": len(split.queries),
-            "gallery": len(split.image_paths), "protocol": asdict(protocol), "protocol_text": protocol.describe(),
+    metrics = evaluate_benchmark(model, benchmark, device, config.data.image_size, config.protocol.ks, progress)
+    first = benchmark.evalsets[0]
+    return {"checkpoint": str(folder), "benchmark": config.data.format, "split": first.split,
+            "queries": sum(len(e.queries) for e in benchmark.evalsets),
+            "gallery": sum(len(e.gallery) for e in benchmark.evalsets),
+            "protocol": first.protocol, "protocol_text": "\n".join(e.describe() for e in benchmark.evalsets),
             "metrics": metrics, "config": config.to_dict()}
 
 
 def write_result(result: dict[str, Any], out: Path) -> str:
     """`out`.json (everything) and `out`.md (the table and its protocol), each written atomically;
     returns the table."""
-    protocol = Protocol(**{**result["protocol"], "ks": tuple(result["protocol"]["ks"])})
-    table = markdown_table({result["config"]["model"]["name"]: result["metrics"]}, protocol)
+    table = markdown_table({result["config"]["model"]["name"]: result["metrics"]}, result["protocol_text"])
     out.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", table + "\n")):
         atomic_write_text(out.with_suffix(suffix), text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from cirlab.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from cirlab.config import Config
-from cirlab.data.benchmarks import load_splits
+from cirlab.data.benchmarks import load_benchmark
 from cirlab.data.records import RetrievalSplit, carve_validation
 from cirlab.data.tensors import CachedMaps, ImageBatches, PixelImages
 from cirlab.devices import resolve_device
@@ -32,20 +33,37 @@ from cirlab.models.registry import create_model
 BEST, LAST, METRICS = "best", "last", "metrics.jsonl"
 
 
-class PairSampler:
+class Sampler(ABC):
+    """Draws training batches (query indices) from a seeded RNG whose state is JSON-serialisable."""
+
+    def __init__(self, split: RetrievalSplit, batch_size: int, seed: int) -> None:
+        self.split = split
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+
+    @abstractmethod
+    def next_batch(self) -> list[int]:
+        """Indices into the split's queries."""
+
+    def state(self) -> dict[str, Any]:
+        return self.rng.bit_generator.state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state
+
+
+class PairSampler(Sampler):
     """TIRG's CSS sampler: batches of pairs that share a source image but differ in text.
 
     The first query of a pair is drawn as the code does (a random text, then a random pair with
     that text); the second keeps the source and takes another of its queries, which gives each
-    query a hard negative (same image, other text). Its RNG state is JSON-serialisable for resume.
+    query a hard negative (same image, other text).
     """
 
     def __init__(self, split: RetrievalSplit, batch_size: int, seed: int) -> None:
         if batch_size < 2 or batch_size % 2:
             raise ValueError(f"batch size must be even and >= 2 for pair sampling, got {batch_size}")
-        self.split = split
-        self.batch_size = batch_size
-        self.rng = np.random.default_rng(seed)
+        super().__init__(split, batch_size, seed)
 
     def _first(self) -> int:
         group = self.split.text_groups[self.rng.integers(len(self.split.text_groups))]
@@ -63,11 +81,28 @@ class PairSampler:
             batch += [first, self._second(first)]
         return batch
 
-    def state(self) -> dict[str, Any]:
-        return self.rng.bit_generator.state
 
-    def restore(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state
+class ShuffledSampler(Sampler):
+    """Batches of distinct queries drawn uniformly, as the usual shuffled data loader of FashionIQ,
+    CIRR or Shoes training does (those benchmarks have no same-source pair structure to exploit)."""
+
+    def __init__(self, split: RetrievalSplit, batch_size: int, seed: int) -> None:
+        if not 1 <= batch_size <= len(split.queries):
+            raise ValueError(f"batch size must be between 1 and the {len(split.queries)} training queries, "
+                             f"got {batch_size}")
+        super().__init__(split, batch_size, seed)
+
+    def next_batch(self) -> list[int]:
+        return self.rng.choice(len(self.split.queries), size=self.batch_size, replace=False).tolist()
+
+
+SAMPLERS = {"pairs": PairSampler, "shuffled": ShuffledSampler}
+
+
+def make_sampler(name: str, split: RetrievalSplit, batch_size: int, seed: int) -> Sampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{name}' (known: {', '.join(SAMPLERS)})")
+    return SAMPLERS[name](split, batch_size, seed)
 
 
 def compute_loss(name: str, queries: torch.Tensor, targets: torch.Tensor,
@@ -135,7 +170,7 @@ def _training_images(config: Config, model: CIRModel, pixels: PixelImages, image
     if not (config.model.freeze_backbone and config.train.cache_features):
         return pixels
     backbone = (config.model.image_backbone, config.model.image_weights, config.model.backbone_upto)
-    key = f"maps:{config.data.root}:{backbone}"
+    key = f"maps:{config.data.format}:{config.data.root}:{config.data.image_size}:{backbone}"
     if key not in image_cache:
         image_cache[key] = CachedMaps(model.image_encoder, pixels, device, progress=progress)
     return image_cache[key]
@@ -163,12 +198,12 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                               "--overwrite to replace it, or choose another --out")
     device = resolve_device(config.train.device)
     torch.manual_seed(config.train.seed)
-    train_split, _ = load_splits(config.data)
+    train_split = load_benchmark(config).train
     train_part, val_part = carve_validation(train_split, config.data.val_fraction, config.train.seed)
     image_cache = image_cache if image_cache is not None else {}
-    pixels_key = f"pixels:{config.data.root}"
+    pixels_key = f"pixels:{config.data.format}:{config.data.root}:{config.data.image_size}"
     if pixels_key not in image_cache:
-        image_cache[pixels_key] = PixelImages(train_split.image_paths, progress=progress)
+        image_cache[pixels_key] = PixelImages(train_split.image_paths, progress=progress, size=config.data.image_size)
     pixels = image_cache[pixels_key]
 
     if resume:
@@ -184,7 +219,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     images = _training_images(config, model, pixels, image_cache, device, progress)
 
     optimizer = build_optimizer(model, config)
-    sampler = PairSampler(train_part, config.train.batch_size, config.train.seed)
+    sampler = make_sampler(config.train.sampler, train_part, config.train.batch_size, config.train.seed)
     triplet_rng = torch.Generator().manual_seed(config.train.seed)
     start_step, best = 0, {"R@1": -1.0}
     if resume:

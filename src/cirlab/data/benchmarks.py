@@ -1,12 +1,57 @@
-"""The registry of benchmark readers: a data config in, train and test splits out."""
+"""The registry of benchmark readers: a run's config in, its training split and evaluation sets out.
+
+Training works on a `RetrievalSplit` (images by index, queries by index, an identity label per image);
+evaluation works on the readers' `EvalSet`s, whose hit rules and exclusions are explicit. CSS keeps
+its own label-based split for training and TIRG's protocol, and is also expressed as an `EvalSet`,
+so `cirlab eval` runs one evaluation path for every benchmark.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from cirlab.config import DataConfig
+import numpy as np
+
+from cirlab.config import Config, ConfigError, DataConfig
+from cirlab.data.cirr import load_cirr
 from cirlab.data.css import CSSSplit, load_css
+from cirlab.data.evalsets import EvalQuery, EvalSet, TrainingSet
+from cirlab.data.fashion200k import load_fashion200k
+from cirlab.data.fashioniq import CATEGORIES, combine_categories, load_fashioniq
+from cirlab.data.folder import load_folder
+from cirlab.data.mitstates import load_mitstates
 from cirlab.data.records import Query, RetrievalSplit
+from cirlab.data.shoes import load_shoes
+
+CSS_KS = (1, 5, 10, 50)
+# The protocol keys each format accepts (besides `ks`); see ProtocolConfig.
+PROTOCOL_CHOICES: dict[str, tuple[str, ...]] = {
+    "css": ("split", "remove_reference"),
+    "fashioniq": ("split", "gallery", "reference", "caption_join"),
+    "cirr": ("split",),
+    "shoes": (),
+    "fashion200k": (),
+    "mitstates": (),
+    "folder": ("gallery", "reference"),
+}
+_OPTIONAL_CHOICES = ("split", "gallery", "reference", "caption_join")
+
+
+MetricsByName = dict[str, dict[str, float]]
+
+
+@dataclass
+class Benchmark:
+    """What training and evaluation need of one dataset."""
+
+    train: RetrievalSplit
+    evalsets: list[EvalSet]    # several for FashionIQ (one per category), one otherwise
+    # Per-set metrics (keyed by set name) -> the reported ones; None: the single set's own metrics.
+    combine: Callable[[MetricsByName], dict[str, float]] | None = None
 
 
 def _css_split(name: str, split: CSSSplit) -> RetrievalSplit:
@@ -15,8 +60,102 @@ def _css_split(name: str, split: CSSSplit) -> RetrievalSplit:
 
 
 def load_splits(config: DataConfig) -> tuple[RetrievalSplit, RetrievalSplit]:
-    """Read the benchmark `config.format` from `config.root`; returns (train, test)."""
-    if config.format == "css":
-        dataset = load_css(Path(config.root))
-        return _css_split("train", dataset.train), _css_split("test", dataset.test)
-    raise ValueError(f"unknown data format '{config.format}' (known: css)")
+    """CSS (train, test) splits with TIRG's scene labels."""
+    if config.format != "css":
+        raise ValueError(f"label-based splits exist for CSS only, not '{config.format}'")
+    dataset = load_css(Path(config.root))
+    return _css_split("train", dataset.train), _css_split("test", dataset.test)
+
+
+def css_evalset(split: RetrievalSplit, remove_reference: bool, ks: tuple[int, ...] = CSS_KS) -> EvalSet:
+    """TIRG's CSS protocol as an EvalSet: every image with the target's label is a hit."""
+    ids = [path.name for path in split.image_paths]
+    same_label: dict[int, list[str]] = defaultdict(list)
+    for image, label in zip(ids, split.labels.tolist()):
+        same_label[label].append(image)
+    queries = [EvalQuery(ids[q.reference], q.text, frozenset(same_label[int(split.labels[q.target])]),
+                         frozenset([ids[q.reference]]) if remove_reference else frozenset()) for q in split.queries]
+    removal = "removed (that exact image only)" if remove_reference else "kept"
+    return EvalSet(benchmark="css", split=split.name, gallery=ids, image_paths=dict(zip(ids, split.image_paths)),
+                   queries=queries, protocol={"gallery": "all images of the split", "reference": removal,
+                                              "hit": "retrieved image has the target's label (same scene)"},
+                   ks=ks)
+
+
+def training_split(training: TrainingSet) -> RetrievalSplit:
+    """Triplets over image ids as a split over image indices; each image is its own identity."""
+    ids = list(training.image_paths)
+    index = {image: position for position, image in enumerate(ids)}
+    queries = [Query(index[t.reference], t.text, index[t.target]) for t in training.triplets]
+    if not queries:
+        raise ValueError("the benchmark has no training triplets")
+    return RetrievalSplit("train", [training.image_paths[image] for image in ids], np.arange(len(ids)), queries)
+
+
+def _merged(sets: list[TrainingSet]) -> TrainingSet:
+    return TrainingSet([t for s in sets for t in s.triplets], {k: v for s in sets for k, v in s.image_paths.items()})
+
+
+def _choices(config: Config) -> dict[str, Any]:
+    """The protocol choices set in `config`, refused when the benchmark does not have them."""
+    fmt = config.data.format
+    chosen = {key: getattr(config.protocol, key) for key in _OPTIONAL_CHOICES if getattr(config.protocol, key)}
+    unknown = sorted(set(chosen) - set(PROTOCOL_CHOICES[fmt]))
+    if unknown:
+        accepted = ", ".join(PROTOCOL_CHOICES[fmt]) or "none besides ks"
+        raise ConfigError(f"protocol.{unknown[0]} does not apply to {fmt} (its protocol choices: {accepted})")
+    return chosen
+
+
+def _css(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark:
+    train, test = load_splits(config.data)
+    split = choices.get("split", "test")
+    if split not in ("test", "train"):
+        raise ConfigError(f"unknown CSS split {split!r} (known: test, train)")
+    return Benchmark(train, [css_evalset(test if split == "test" else train, config.protocol.remove_reference)])
+
+
+def _fashioniq(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark:
+    categories = config.data.categories or list(CATEGORIES)
+    loaded = [load_fashioniq(root, category, **choices) for category in categories]
+    return Benchmark(training_split(_merged([training for training, _ in loaded])), [e for _, e in loaded],
+                     combine=lambda per_set: combine_categories({name.removeprefix("fashioniq-"): metrics
+                                                                 for name, metrics in per_set.items()}))
+
+
+def _folder(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark:
+    if not config.data.eval_file:
+        raise ConfigError("the folder format needs data.eval_file (a JSONL of {reference, text, target})")
+    train_file = root / config.data.train_file if config.data.train_file else None
+    training, evalset = load_folder(root, root / config.data.eval_file, train_file, **choices)
+    return Benchmark(training_split(training), [evalset])
+
+
+def _simple(load: Callable[..., tuple[TrainingSet, EvalSet]], seeded: bool = False) -> Callable[..., Benchmark]:
+    def read(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark:
+        seed = {"seed": config.train.seed} if seeded else {}
+        training, evalset = load(root, **choices, **seed)
+        return Benchmark(training_split(training), [evalset])
+    return read
+
+
+_READERS: dict[str, Callable[[Config, Path, dict[str, Any]], Benchmark]] = {
+    "css": _css,
+    "fashioniq": _fashioniq,
+    "cirr": _simple(load_cirr),
+    "shoes": _simple(load_shoes),
+    "fashion200k": _simple(load_fashion200k, seeded=True),
+    "mitstates": _simple(load_mitstates, seeded=True),
+    "folder": _folder,
+}
+
+
+def load_benchmark(config: Config) -> Benchmark:
+    """Read the benchmark `config.data.format` from `config.data.root` under the configured protocol."""
+    fmt = config.data.format
+    if fmt not in _READERS:
+        raise ConfigError(f"unknown data format '{fmt}' (known: {', '.join(_READERS)})")
+    root = Path(config.data.root)
+    if not root.exists():
+        raise FileNotFoundError(f"data.root {root} does not exist")
+    return _READERS[fmt](config, root, _choices(config))

@@ -29,9 +29,26 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (floats - _MEAN.to(floats.device)) / _STD.to(floats.device)
 
 
-def image_tensor(image: Image.Image) -> torch.Tensor:
+def square_image(image: Image.Image, size: int | None) -> Image.Image:
+    """RGB, the shorter side resized to `size` and the centre cropped to size x size (None: unchanged).
+
+    Evaluation-style preprocessing (as torchvision's Resize + CenterCrop): what the model sees at
+    training, evaluation, indexing and search time alike."""
+    image = image.convert("RGB")
+    if size is None or image.size == (size, size):
+        return image
+    if size < 1:
+        raise ValueError(f"image size must be a positive number of pixels, got {size}")
+    scale = size / min(image.size)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    resized = image.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = (width - size) // 2, (height - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
+def image_tensor(image: Image.Image, size: int | None = None) -> torch.Tensor:
     """One PIL image as a model-ready 3 x H x W tensor (the same preprocessing as `PixelImages`)."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.asarray(square_image(image, size)).copy()).permute(2, 0, 1)
     return normalise(pixels[None])[0]
 
 
@@ -46,12 +63,13 @@ class ImageBatches(Protocol):
 class PixelImages:
     """All images of a split decoded into one uint8 tensor; batches come out ImageNet-normalised."""
 
-    def __init__(self, paths: Sequence[Path], progress: bool = True) -> None:
-        arrays = [np.asarray(load_image(path).convert("RGB"))
+    def __init__(self, paths: Sequence[Path], progress: bool = True, size: int | None = None) -> None:
+        arrays = [np.asarray(square_image(load_image(path), size))
                   for path in tqdm(paths, desc="decoding images", unit="img", disable=not progress)]
         sizes = {array.shape for array in arrays}
         if len(sizes) > 1:
-            raise ValueError(f"images of one split must share a size, found {sorted(sizes)}")
+            raise ValueError(f"images of one split must share a size, found {sorted(sizes)}: "
+                             "set data.image_size to resize and centre-crop them")
         self.pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
     def __len__(self) -> int:

@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
-from cirlab.data.tensors import image_tensor
+from cirlab.data.tensors import image_tensor, square_image
 from cirlab.explain.gradcam import mmgrad, upsample_map
 from cirlab.models.base import CIRModel
 
@@ -18,6 +18,7 @@ def explain_pair(model: CIRModel, reference: Image.Image, text: str, target: Ima
     """Saliency in [0, 1] at the explained image's size (H x W), in eval mode.
 
     `gradcam` explains the retrieval score itself; `mmgrad` the default text-conditioned scalar.
+    For a model trained on resized, centre-cropped images the map covers that crop (`square_image`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown explanation method {method!r} (known: {', '.join(METHODS)})")
@@ -25,6 +26,7 @@ def explain_pair(model: CIRModel, reference: Image.Image, text: str, target: Ima
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    reference, target = square_image(reference, model.image_size), square_image(target, model.image_size)
     try:
         cam = mmgrad(model, image_tensor(reference)[None].to(device), [text], image_tensor(target)[None].to(device),
                      scalar=scalar, side=side)

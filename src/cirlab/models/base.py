@@ -37,6 +37,11 @@ class ScaledNormalization(nn.Module):
 class CIRModel(nn.Module, metaclass=ABCMeta):
     """Base class: a query side, a target side and an exact score between them."""
 
+    # The square side images are resized and centre-cropped to before they reach the model (the
+    # run's data.image_size; None = as they are). Set when a checkpoint is loaded, so indexing,
+    # search and explanations preprocess exactly as training did.
+    image_size: int | None = None
+
     def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:
         super().__init__()
         self.image_encoder = image_encoder

@@ -33,6 +33,7 @@ from cirlab.data.css import load_image
 from cirlab.data.errors import DataFormatError
 from cirlab.explain.overlay import explain_pair, heatmap_overlay
 from cirlab.files import png_bytes
+from cirlab.data.tensors import square_image
 from cirlab.index.build import model_identity, search_index
 from cirlab.index.faiss_index import FaissIndex
 from cirlab.models.base import CIRModel
@@ -253,7 +254,7 @@ def create_app(index_folder: Path, checkpoint_folder: Path, max_upload_bytes: in
             reference = decode_upload(data, max_pixels) if reference_path is None else load_image(reference_path)
             target = load_image(target_path)
             saliency = explain_pair(engine.model, reference, text, target, method=method, side=side)
-            explained = reference if side == "reference" else target
+            explained = square_image(reference if side == "reference" else target, engine.model.image_size)
             scale = max(1, math.ceil(MIN_OVERLAY_PX / explained.width))
             return png_bytes(heatmap_overlay(explained, saliency, scale=scale))
 
