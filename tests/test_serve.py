@@ -1,6 +1,7 @@
 """The HTTP API (`cirlab.serve.app`) on a tiny trained checkpoint and its index."""
 
 import io
+import re
 import threading
 from pathlib import Path
 
@@ -9,14 +10,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cirlab.checkpoint import load_checkpoint
-from cirlab.config import load_config
 from cirlab.index.build import build_index, list_images, model_identity, search_index
 from cirlab.index.faiss_index import FaissIndex
-from cirlab.serve.app import create_app, thumbnail_png
-from cirlab.train import train
+from cirlab.serve.app import MAX_GALLERY_PAGE, PAGE_POLICY, STATIC, create_app, thumbnail_png
 
-TINY = ["model.image_backbone=resnet18", "model.image_weights=null", "model.backbone_upto=layer2",
-        "model.embed_dim=16", "train.batch_size=4", "train.iterations=2", "train.eval_every=2", "data.val_fraction=0.2"]
 REFERENCE, TARGET, TEXT = "css_test_000001.png", "css_test_000002.png", "remove object"
 MAX_UPLOAD, MAX_K, MAX_PIXELS = 64 * 1024, 200, 512 * 512
 
@@ -32,16 +29,13 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_css, tmp_path_factory):
+def served(tiny_index):
     """(client, checkpoint, index folder, gallery, listings before any request)."""
-    work = tmp_path_factory.mktemp("serve")
-    train(load_config(None, [f"data.root={tiny_css}", "train.seed=0", *TINY]), work / "run", progress=False)
-    checkpoint, gallery = work / "run" / "best", tiny_css / "images"
-    build_index(checkpoint, gallery, work / "index", progress=False).close()
-    app = create_app(work / "index", checkpoint, max_upload_bytes=MAX_UPLOAD, max_k=MAX_K, max_pixels=MAX_PIXELS)
-    before = {"gallery": _listing(gallery), "index": _listing(work / "index")}
+    checkpoint, index, gallery = tiny_index
+    app = create_app(index, checkpoint, max_upload_bytes=MAX_UPLOAD, max_k=MAX_K, max_pixels=MAX_PIXELS)
+    before = {"gallery": _listing(gallery), "index": _listing(index)}
     with TestClient(app) as client:
-        yield client, checkpoint, work / "index", gallery, before
+        yield client, checkpoint, index, gallery, before
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +114,35 @@ def test_gallery_faults_are_json_errors(served, tmp_path):
         assert str(tmp_path) not in broken.json()["detail"]
 
 
+def test_gallery_pages_through_the_ids_in_indexing_order(served):
+    client, _, _, gallery, _ = served
+    ids = list_images(gallery)  # the index was built from this sorted list
+    first = client.get("/api/gallery").json()
+    assert first == {"total": len(ids), "offset": 0,
+                     "images": [{"id": name, "url": f"/api/images/{name}"} for name in ids[:24]]}
+    pages = [client.get("/api/gallery", params={"offset": offset, "limit": 7}).json()["images"]
+             for offset in range(0, len(ids), 7)]
+    assert [image["id"] for page in pages for image in page] == ids and len(pages[-1]) == (len(ids) - 1) % 7 + 1
+    assert client.get("/api/gallery", params={"offset": len(ids) + 5}).json() == {
+        "total": len(ids), "offset": len(ids) + 5, "images": []}
+
+
+def test_page_and_its_assets_come_from_the_package(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.headers["content-security-policy"] == PAGE_POLICY
+    assert re.findall(r'(?:src|href)="([^"]*)"', page.text) == ["/static/style.css", "/static/app.js"]
+    for asset, media_type in (("style.css", "text/css"), ("app.js", "text/javascript")):
+        response = client.get(f"/static/{asset}")
+        assert response.headers["content-type"].split(";")[0] == media_type
+        assert response.content == (STATIC / asset).read_bytes()
+    missing = client.get("/static/nope.js")
+    assert missing.status_code == 404 and missing.json() == {"detail": "Not Found"}
+
+
 def test_openapi_documents_the_endpoints(client):
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/health", "/api/search", "/api/images/{image_id}", "/api/explain"} <= set(paths)
+    assert {"/health", "/api/search", "/api/images/{image_id}", "/api/explain", "/api/gallery"} <= set(paths)
     assert client.get("/docs").status_code == 200
 
 
@@ -177,6 +197,14 @@ def _bad_requests(gallery: Path, png: bytes) -> dict[str, tuple]:
         "explain target": ("post", "/api/explain", {**explain, "target_id": "nope.png"}, None, 404, "nope.png"),
         "explain bad upload": ("post", "/api/explain", {"text": TEXT, "target_id": TARGET}, b"GIF89a", 400,
                                "not a readable"),
+        "gallery offset negative": ("get", "/api/gallery?offset=-1", None, None, 422,
+                                    "offset: Input should be greater than or equal to 0"),
+        "gallery limit zero": ("get", "/api/gallery?limit=0", None, None, 422,
+                               "limit: Input should be greater than or equal to 1"),
+        "gallery limit over cap": ("get", f"/api/gallery?limit={MAX_GALLERY_PAGE + 1}", None, None, 422,
+                                   f"limit: Input should be less than or equal to {MAX_GALLERY_PAGE}"),
+        "gallery offset not a number": ("get", "/api/gallery?offset=1.5", None, None, 422,
+                                        "offset: Input should be a valid integer"),
     }
 
 

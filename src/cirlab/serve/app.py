@@ -1,4 +1,5 @@
-"""HTTP API over one checkpoint and the index built with it: composed search, gallery images, heat-maps.
+"""HTTP API over one checkpoint and the index built with it: composed search, gallery images, heat-maps,
+and the web page that drives them (static/, served at `/`).
 
 One worker thread owns the model and the index. The index's SQLite connection may only be used (and
 closed) by the thread that opened it, and funnelling every model call through that one thread
@@ -19,27 +20,32 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import quote
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cirlab.checkpoint import load_checkpoint
 from cirlab.data.css import load_image
 from cirlab.data.errors import DataFormatError
+from cirlab.data.tensors import square_image
 from cirlab.explain.overlay import explain_pair, heatmap_overlay
 from cirlab.files import png_bytes
-from cirlab.data.tensors import square_image
 from cirlab.index.build import model_identity, search_index
 from cirlab.index.faiss_index import FaissIndex
 from cirlab.models.base import CIRModel
 
 # Formats Pillow decodes itself; others (EPS, for one) would hand the upload to external programs.
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+GALLERY_PAGE, MAX_GALLERY_PAGE = 24, 200  # ids per page of `GET /api/gallery`: default and cap
+STATIC = Path(__file__).parent / "static"  # the web page, shipped as package data
+# The page loads nothing from elsewhere; uploads are previewed from blob: URLs.
+PAGE_POLICY = "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 THUMB_PX = 256
 MIN_OVERLAY_PX = 256
 _FORM_OVERHEAD = 64 * 1024  # text fields and multipart headers sent along with the image
@@ -48,10 +54,19 @@ _REFERENCE_RULE = "give exactly one reference: an `image` upload or an `image_id
 T = TypeVar("T")
 
 
-class Hit(BaseModel):
+class ImageRef(BaseModel):
     id: str
-    score: float
     url: str
+
+class Hit(ImageRef):
+    score: float
+
+
+class GalleryPage(BaseModel):
+    total: int  # indexed images in all
+    offset: int
+    images: list[ImageRef]
+
 
 
 class SearchResponse(BaseModel):
@@ -65,7 +80,7 @@ class Health(BaseModel):
     model_id: str
 
 
-def _open(index_folder: Path, checkpoint_folder: Path) -> tuple[CIRModel, FaissIndex]:
+def _open(index_folder: Path, checkpoint_folder: Path) -> tuple[CIRModel, Index]:
     model = load_checkpoint(checkpoint_folder).model.eval()
     index = FaissIndex.open(index_folder, model_id=model_identity(checkpoint_folder))
     if index.gallery_root is None:
@@ -84,6 +99,7 @@ class _Engine:
         except BaseException:
             self._worker.shutdown()
             raise
+        self.ids = self.index.ids()  # fixed while serving: the index is opened once and never written
         self.gallery = self.index.gallery_root.resolve()
 
     async def run(self, function: Callable[[], T]) -> T:
@@ -133,6 +149,10 @@ class _BodyLimit:
             raise HTTPException(413, f"request body is larger than the limit of {self.limit} bytes")
 
         await self.app(scope, limited_receive, send)
+
+def _image_url(image_id: str) -> str:
+    return f"/api/images/{quote(image_id)}"
+
 
 
 def _clean_text(text: str) -> str:
@@ -211,6 +231,20 @@ def create_app(index_folder: Path, checkpoint_folder: Path, max_upload_bytes: in
     @app.get("/health")
     async def health() -> Health:
         return Health(status="ok", images=len(engine.index), model_id=engine.index.model_id)
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/api/gallery")
+    async def gallery(offset: Annotated[int, Query(ge=0)] = 0,
+                      limit: Annotated[int, Query(ge=1, le=MAX_GALLERY_PAGE)] = GALLERY_PAGE) -> GalleryPage:
+        """A page of the indexed images, in indexing order, to pick a reference from."""
+        names = engine.ids[offset:offset + limit]
+        return GalleryPage(total=len(engine.ids), offset=offset, images=[ImageRef(id=name, url=_image_url(name))
+                                                                         for name in names])
+
 
     @app.post("/api/search")
     async def search(text: Text, k: Annotated[int, Form(ge=1, le=max_k)] = 10, image: Upload = None,
@@ -227,7 +261,7 @@ def create_app(index_folder: Path, checkpoint_folder: Path, max_upload_bytes: in
             return search_index(engine.index, engine.model, reference, text, k)
 
         results = await engine.run(query)
-        hits = [Hit(id=name, score=score, url=f"/api/images/{quote(name)}") for name, score in results]
+        hits = [Hit(id=name, score=score, url=_image_url(name)) for name, score in results]
         return SearchResponse(results=hits, reference=image_id)
 
     @app.get("/api/images/{image_id:path}", response_class=FileResponse,
