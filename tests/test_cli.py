@@ -7,7 +7,8 @@ import pytest
 
 from cirlab.cli import build_parser, main
 
-SUBCOMMANDS = [["data", "make-css"], ["data", "check"], ["index", "build"], ["index", "add"],
+SUBCOMMANDS = [["data", "make-css"], ["data", "make-cirr"], ["data", "make-garments"], ["data", "check"],
+               ["index", "build"], ["index", "add"],
                ["index", "remove"], ["index", "info"], ["search"],
                ["explain"], ["serve"], ["train"], ["eval"], ["demo"], ["models"]]
 

@@ -20,8 +20,25 @@ def _require_text(text: str) -> None:
 def _cmd_make_css(args: argparse.Namespace) -> None:
     from cirlab.data.css import generate_css
 
-    out = generate_css(Path(args.out), preset=args.preset, seed=args.seed, image_size=args.image_size)
-    print(f"wrote CSS ({args.preset}, seed {args.seed}) to {out}")
+    out = generate_css(Path(args.out), preset=args.preset, seed=args.seed, image_size=args.image_size,
+                       families=args.families, with_3d=args.with_3d)
+    print(f"wrote CSS ({args.preset}, seed {args.seed}{', with 3D renders' if args.with_3d else ''}) to {out}")
+
+
+def _cmd_make_cirr(args: argparse.Namespace) -> None:
+    from cirlab.data.cirr_scenes import generate_cirr
+
+    out = generate_cirr(Path(args.out), preset=args.preset, seed=args.seed, image_size=args.image_size)
+    print(f"wrote synthetic CIRR ({args.preset}, seed {args.seed}) to {out}")
+
+
+def _cmd_make_garments(args: argparse.Namespace) -> None:
+    from cirlab.data.garments import generate_garments
+
+    out = generate_garments(Path(args.out), preset=args.preset, seed=args.seed, image_size=args.image_size,
+                            layout=args.layout, families=args.families)
+    layouts = "fashioniq + fashion200k layouts" if args.layout == "both" else f"{args.layout} layout"
+    print(f"wrote synthetic garments ({args.preset}, seed {args.seed}, {layouts}) to {out}")
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -170,7 +187,32 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_check)
 
     train = commands.add_parser("train", help="train a model from a YAML config", epilog=EPILOG)
+    make_css.add_argument("--families", type=int, help="edit families per split instead of the preset's "
+                          "(a family: 35 queries, 43 images); for quick trials")
+    make_css.add_argument("--with-3d", action="store_true",
+                          help="also write a CLEVR-like 3D render of every scene to images_3d/ (train on them with "
+                               "--set data.render=3d, or data.query_render=2d data.target_render=3d)")
     train.add_argument("--config", help="YAML run config, e.g. configs/css/tirg.yaml")
+    make_cirr = data_commands.add_parser("make-cirr", help="write a synthetic CIRR (CSS scenes in sets of six, "
+                                         "rc2 files and folders) that the CIRR reader reads")
+    make_cirr.add_argument("out", help="output folder (new or empty)")
+    make_cirr.add_argument("--preset", choices=["demo", "full"], default="demo",
+                           help="demo: 720 queries in seconds; full: CIRR scale (28K train, 4,160 val/test1 queries)")
+    make_cirr.add_argument("--seed", type=int, default=0, help="same seed, byte-identical output")
+    make_cirr.add_argument("--image-size", type=int, default=64, help="pixels; the drawing scales with it")
+    make_cirr.set_defaults(func=_cmd_make_cirr)
+    make_garments = data_commands.add_parser(
+        "make-garments", help="write synthetic dresses, shirts and tops in the real FashionIQ and Fashion200k layouts")
+    make_garments.add_argument("out", help="output folder")
+    make_garments.add_argument("--preset", choices=["demo", "full"], default="demo",
+                               help="demo: 300 triplets per category; full: 6,000 per category (FashionIQ scale)")
+    make_garments.add_argument("--seed", type=int, default=0, help="same seed, byte-identical output")
+    make_garments.add_argument("--image-size", type=int, default=256, help="pixels (at least 32)")
+    make_garments.add_argument("--layout", choices=["fashioniq", "fashion200k", "both"], default="both",
+                               help="which real layout to write; both: one folder that both readers accept")
+    make_garments.add_argument("--families", type=int, help="families per category and split instead of the "
+                               "preset's (a family: 5 images, 3 triplets); for quick trials")
+    make_garments.set_defaults(func=_cmd_make_garments)
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     train.add_argument("--out", required=True, help="run folder (checkpoints best/ and last/, metrics.jsonl)")
     continuing = train.add_mutually_exclusive_group()

@@ -34,6 +34,12 @@ class DataConfig:
     # Folder format (`root` = the image folder): JSONL files of {reference, text, target}, relative to root.
     train_file: str | None = None
     eval_file: str | None = None
+    # CSS: which images are read, "2d" (images/) or "3d" (images_3d/ of `make-css --with-3d`; TIRG's
+    # original release: images/). query_render / target_render override it for the reference images
+    # and for the targets and gallery: 2D-to-3D is query_render=2d, target_render=3d.
+    render: str = "2d"
+    query_render: str | None = None
+    target_render: str | None = None
 
 
 @dataclass

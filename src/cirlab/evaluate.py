@@ -94,7 +94,8 @@ def embed_split(model: CIRModel, split: RetrievalSplit, images: ImageBatches, de
     """Query states for every query of `split` and target features for all of its images (eval mode)."""
     was_training = model.training
     model.eval()
-    gallery = embed_targets(model, images, device, progress=progress)
+    size = len(images) if split.gallery_size is None else split.gallery_size
+    gallery = embed_targets(model, images, device, progress=progress, indices=range(size))
     queries = embed_queries(model, split, images, device, progress=progress)
     model.train(was_training)
     return queries, gallery
@@ -103,13 +104,18 @@ def embed_split(model: CIRModel, split: RetrievalSplit, images: ImageBatches, de
 @torch.no_grad()
 def recall_from_embeddings(model: CIRModel, queries: torch.Tensor, gallery: torch.Tensor, split: RetrievalSplit,
                            protocol: Protocol, query_chunk: int = 2048) -> dict[str, float]:
-    """Recall@K from precomputed states, scored with the model's exact `score`, in query chunks."""
+    """Recall@K from precomputed states, scored with the model's exact `score`, in query chunks.
+
+    A reference-only image (index >= the gallery size: another render of a gallery scene) removes
+    that scene's own gallery image, as TIRG removes the query's own image."""
+    size = gallery.shape[0]
     labels = torch.as_tensor(split.labels, device=gallery.device)
-    references = torch.tensor([q.reference for q in split.queries], device=gallery.device)
+    references = torch.tensor([q.reference for q in split.queries], device=gallery.device) % size
     target_labels = labels[torch.tensor([q.target for q in split.queries], device=gallery.device)]
     totals = {f"R@{k}": 0.0 for k in protocol.ks}
     for start in range(0, len(queries), query_chunk):
         end = start + query_chunk
+    labels = labels[:size]
         chunk = recall_at_k(model.score(queries[start:end], gallery), references[start:end],
                             target_labels[start:end], labels, protocol.ks, protocol.remove_reference)
         for key, value in chunk.items():

@@ -19,6 +19,7 @@ import numpy as np
 from cirlab.config import Config, ConfigError, DataConfig
 from cirlab.data.cirr import load_cirr
 from cirlab.data.css import CSSSplit, load_css
+from cirlab.data.css3d import render_folder
 from cirlab.data.evalsets import EvalQuery, EvalSet, TrainingSet
 from cirlab.data.fashion200k import load_fashion200k
 from cirlab.data.fashioniq import CATEGORIES, combine_categories, load_fashioniq
@@ -54,30 +55,68 @@ class Benchmark:
     combine: Callable[[MetricsByName], dict[str, float]] | None = None
 
 
-def _css_split(name: str, split: CSSSplit) -> RetrievalSplit:
-    queries = [Query(source, text, target) for source, text, target in split.queries()]
-    return RetrievalSplit(name, list(split.image_paths), split.labels, queries)
+def _css_split(name: str, targets: CSSSplit, references: CSSSplit | None = None) -> RetrievalSplit:
+    """The queries over `targets`' images; with `references` (another render of the same scenes),
+    every query's reference image comes from it: those images follow the gallery, as references only."""
+    queries = [Query(source, text, target) for source, text, target in targets.queries()]
+    if references is None:
+        return RetrievalSplit(name, list(targets.image_paths), targets.labels, queries)
+    count = len(targets.image_paths)
+    labels = np.concatenate([targets.labels, np.full(count, -1)])  # scene labels are >= 0: never a hit
+    return RetrievalSplit(name, targets.image_paths + references.image_paths, labels,
+                          [Query(count + q.reference, q.text, q.target) for q in queries], gallery_size=count)
+
+
+def css_renders(config: DataConfig) -> tuple[str, str]:
+    """The (reference, target and gallery) renders of a CSS config: "2d" or "3d" each."""
+    return config.query_render or config.render, config.target_render or config.render
 
 
 def load_splits(config: DataConfig) -> tuple[RetrievalSplit, RetrievalSplit]:
-    """CSS (train, test) splits with TIRG's scene labels."""
+    """CSS (train, test) splits with TIRG's scene labels, in the configured renders.
+
+    With different renders (2D-to-3D: query_render=2d, target_render=3d) every query keeps its
+    scenes: its reference image is the source scene's 2D render and its target the target scene's 3D
+    render, for training, validation and test alike, and the gallery holds 3D renders only. The
+    papers leave the training pairs of this setting open; this is the plain reading (the query side
+    is always 2D, the target side always 3D), and it keeps TIRG's sampler, hard-negative pairs
+    included, unchanged.
+    """
     if config.format != "css":
         raise ValueError(f"label-based splits exist for CSS only, not '{config.format}'")
-    dataset = load_css(Path(config.root))
-    return _css_split("train", dataset.train), _css_split("test", dataset.test)
+    root = Path(config.root)
+    query_render, target_render = css_renders(config)
+    targets = load_css(root, images=render_folder(root, target_render))
+    if query_render == target_render:
+        return _css_split("train", targets.train), _css_split("test", targets.test)
+    references = load_css(root, images=render_folder(root, query_render))
+    return _css_split("train", targets.train, references.train), _css_split("test", targets.test, references.test)
 
 
-def css_evalset(split: RetrievalSplit, remove_reference: bool, ks: tuple[int, ...] = CSS_KS) -> EvalSet:
-    """TIRG's CSS protocol as an EvalSet: every image with the target's label is a hit."""
-    ids = [path.name for path in split.image_paths]
+def css_evalset(split: RetrievalSplit, remove_reference: bool, ks: tuple[int, ...] = CSS_KS,
+                renders: tuple[str, str] = ("2d", "2d")) -> EvalSet:
+    """TIRG's CSS protocol as an EvalSet: every gallery image with the target's label is a hit.
+
+    Reference-only images (`split.gallery_size`) get ids prefixed with their folder, so they never
+    clash with the gallery's; removing the reference then removes the reference scene's own
+    gallery image, as TIRG removes the query's own image index.
+    """
+    size = len(split.image_paths) if split.gallery_size is None else split.gallery_size
+    ids = ([path.name for path in split.image_paths[:size]]
+           + [f"{path.parent.name}/{path.name}" for path in split.image_paths[size:]])
     same_label: dict[int, list[str]] = defaultdict(list)
-    for image, label in zip(ids, split.labels.tolist()):
+    for image, label in zip(ids[:size], split.labels[:size].tolist()):
         same_label[label].append(image)
     queries = [EvalQuery(ids[q.reference], q.text, frozenset(same_label[int(split.labels[q.target])]),
-                         frozenset([ids[q.reference]]) if remove_reference else frozenset()) for q in split.queries]
+                         frozenset([ids[q.reference % size]]) if remove_reference else frozenset())
+               for q in split.queries]
     removal = "removed (that exact image only)" if remove_reference else "kept"
-    return EvalSet(benchmark="css", split=split.name, gallery=ids, image_paths=dict(zip(ids, split.image_paths)),
-                   queries=queries, protocol={"gallery": "all images of the split", "reference": removal,
+    if remove_reference and size < len(split.image_paths):
+        removal = "the reference scene's own gallery image removed (that image only)"
+    images = renders[0] if renders[0] == renders[1] else f"references {renders[0]}, gallery and targets {renders[1]}"
+    return EvalSet(benchmark="css", split=split.name, gallery=ids[:size], image_paths=dict(zip(ids, split.image_paths)),
+                   queries=queries, protocol={"images": images, "gallery": "all images of the split",
+                                              "reference": removal,
                                               "hit": "retrieved image has the target's label (same scene)"},
                    ks=ks)
 
@@ -112,7 +151,8 @@ def _css(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark:
     split = choices.get("split", "test")
     if split not in ("test", "train"):
         raise ConfigError(f"unknown CSS split {split!r} (known: test, train)")
-    return Benchmark(train, [css_evalset(test if split == "test" else train, config.protocol.remove_reference)])
+    return Benchmark(train, [css_evalset(test if split == "test" else train, config.protocol.remove_reference,
+                                         renders=css_renders(config.data))])
 
 
 def _fashioniq(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark:

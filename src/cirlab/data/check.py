@@ -8,28 +8,38 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cirlab.data.cirr import check_cirr
-from cirlab.data.css import load_css, load_image
+from cirlab.data.css import EDIT_REGIONS_3D_FILE, IMAGES_3D_DIR, IMAGES_DIR, load_css, load_image
 from cirlab.data.errors import DataFormatError
 from cirlab.data.fashion200k import check_fashion200k
 from cirlab.data.fashioniq import check_fashioniq
 from cirlab.data.folder import check_folder
 from cirlab.data.mitstates import check_mitstates
+from cirlab.data.regions import EDIT_REGIONS_FILE, read_edit_regions
 from cirlab.data.shoes import check_shoes
 
 
 def check_css(root: Path) -> list[str]:
-    """The `.npy` structure first (its first problem stops the check), then every image decoded."""
-    try:
-        dataset = load_css(root)
-    except DataFormatError as error:
-        return [str(error)]
+    """The `.npy` structure and each images folder's completeness first (a problem there stops the
+    check), then every image decoded: images/, and images_3d/ where a generated dataset has 3D
+    renders; then the edit-region sidecars that are present."""
     problems = []
-    paths = dataset.train.image_paths + dataset.test.image_paths
-    for path in tqdm(paths, desc="decoding images", unit="img"):
+    for folder in [IMAGES_DIR] + ([IMAGES_3D_DIR] if (root / IMAGES_3D_DIR).is_dir() else []):
         try:
-            load_image(path)
+            dataset = load_css(root, images=folder)
         except DataFormatError as error:
-            problems.append(str(error))
+            return problems + [str(error)]
+        paths = dataset.train.image_paths + dataset.test.image_paths
+        for path in tqdm(paths, desc=f"decoding {folder}", unit="img"):
+            try:
+                load_image(path)
+            except DataFormatError as error:
+                problems.append(str(error))
+    for sidecar in (root / EDIT_REGIONS_FILE, root / EDIT_REGIONS_3D_FILE):
+        if sidecar.is_file():
+            try:
+                read_edit_regions(sidecar)
+            except DataFormatError as error:
+                problems.append(str(error))
     return problems
 
 

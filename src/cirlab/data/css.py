@@ -14,7 +14,7 @@ import pickle
 import random
 import shutil
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations
@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cirlab.data.errors import DataFormatError
+from cirlab.data.generation import GENERATION_FILE, check_arguments, prepare_output_folder
 from cirlab.data.regions import EDIT_REGIONS_FILE, EditRegion, write_edit_regions
 from cirlab.files import atomic_write_bytes, atomic_write_text
 
@@ -55,12 +56,13 @@ GRID_CELLS = tuple(f"{row}-{col}" for row in ("top", "middle", "bottom") for col
 SPLITS = ("train", "test")
 DATA_FILE = "css_toy_dataset_novel2_small.dup.npy"
 IMAGES_DIR = "images"
-GENERATION_FILE = "generation.json"
+IMAGES_3D_DIR = "images_3d"                   # `with_3d`: the 3D renders (cirlab.data.css3d)
+EDIT_REGIONS_3D_FILE = "edit_regions_3d.jsonl"  # `with_3d`: edit regions in the 3D renders
 GENERATOR_VERSION = 1
 
 _BASE_SIZE = 64                               # the reference canvas; other sizes scale the drawing
 _HALF_SIZE = {"small": 4.0, "large": 8.0}     # px at 64
-_MIN_IMAGE_SIZE = 40                          # below this, truncation can merge neighbouring cells
+MIN_IMAGE_SIZE = 40                           # below this, truncation can merge neighbouring cells
 _FLOAT_PALETTE = {name: np.array(rgb) / 255.0 for name, rgb in COLOURS.items()}
 _UINT8_PALETTE = {name: np.array(rgb, dtype=np.uint8) for name, rgb in COLOURS.items()}
 
@@ -135,7 +137,7 @@ def load_image(path: Path) -> Image.Image:
 # Generator
 # ---------------------------------------------------------------------------------------------
 
-_MAX_OBJECTS = 5
+MAX_OBJECTS = 5
 _JITTER = 2            # px at 64: with half-size 8 a large object stays inside its 21.3-px cell
 _EDITS = 5             # queried edits per source: TIRG pairs two of them as hard negatives
 _VARIANTS = 1          # extra one-edit neighbours per source that no query asks for (gallery only)
@@ -152,7 +154,7 @@ TEXT_TEMPLATES = {
 }
 
 
-class _Object(NamedTuple):
+class SceneObject(NamedTuple):
     cell: int
     shape: str
     color: str
@@ -166,56 +168,60 @@ class _Object(NamedTuple):
         return {"color": self.color, "shape": self.shape, "size": self.size, "pos": pos}
 
 
-_Scene = tuple[_Object, ...]  # sorted by cell, at most one object per cell
-_Combo = tuple[str, str]      # (colour, shape)
+Scene = tuple[SceneObject, ...]  # sorted by cell, at most one object per cell
+Combo = tuple[str, str]          # (colour, shape)
+REFERENCE_FIELDS = ("cell", "size", "color", "shape")
 
 
-class _Edit(NamedTuple):
+class Edit(NamedTuple):
     text: str
-    kind: str                 # "add" | "remove" | "make"
-    attribute: str | None     # for "make": "color" | "size" | "shape"
-    before: _Object | None    # the edited object in the source (None for add)
-    after: _Object | None     # the edited object in the target (None for remove)
-    target: _Scene
+    kind: str                      # "add" | "remove" | "make"
+    attribute: str | None          # for "make": "color" | "size" | "shape"
+    before: SceneObject | None     # the edited object in the source (None for add)
+    after: SceneObject | None      # the edited object in the target (None for remove)
+    target: Scene
+    ref: tuple[str, ...] = ()      # the REFERENCE_FIELDS the text names `before` by (remove, make)
 
 
-def _key(scene: _Scene) -> tuple[tuple[int, str, str, str], ...]:
+def scene_key(scene: Scene) -> tuple[tuple[int, str, str, str], ...]:
     return tuple((o.cell, o.shape, o.color, o.size) for o in scene)
 
 
-def _held_out_combos(seed: int) -> list[_Combo]:
+def _held_out_combos(seed: int) -> list[Combo]:
     """One (colour, shape) per shape, distinct colours: never in a train scene, free in test."""
     colours = random.Random(f"cirlab-css:{seed}:held-out").sample(list(COLOURS), len(SHAPES))
     return list(zip(colours, SHAPES))
 
 
-def _random_object(rng: random.Random, cell: int, combos: Sequence[_Combo]) -> _Object:
+def random_object(rng: random.Random, cell: int, combos: Sequence[Combo]) -> SceneObject:
     color, shape = rng.choice(combos)
     size = rng.choice(SIZES)
-    return _Object(cell, shape, color, size, rng.randint(-_JITTER, _JITTER), rng.randint(-_JITTER, _JITTER))
+    return SceneObject(cell, shape, color, size, rng.randint(-_JITTER, _JITTER), rng.randint(-_JITTER, _JITTER))
 
 
-def _random_scene(rng: random.Random, combos: Sequence[_Combo]) -> _Scene:
-    cells = sorted(rng.sample(range(9), rng.randint(1, _MAX_OBJECTS)))
-    return tuple(_random_object(rng, cell, combos) for cell in cells)
+def random_scene(rng: random.Random, combos: Sequence[Combo]) -> Scene:
+    cells = sorted(rng.sample(range(9), rng.randint(1, MAX_OBJECTS)))
+    return tuple(random_object(rng, cell, combos) for cell in cells)
 
 
-def _refer(rng: random.Random, scene: _Scene, obj: _Object) -> str:
-    """A minimal-size subset of (position, size, colour, shape) that picks out `obj` alone."""
-    fields = ("cell", "size", "color", "shape")
-    for n in range(len(fields) + 1):
-        unique = [subset for subset in combinations(fields, n)
+def reference_fields(rng: random.Random, scene: Scene, obj: SceneObject) -> tuple[str, ...]:
+    """A minimal-size subset of REFERENCE_FIELDS that picks out `obj` alone in `scene`."""
+    for n in range(len(REFERENCE_FIELDS) + 1):
+        unique = [subset for subset in combinations(REFERENCE_FIELDS, n)
                   if sum(all(getattr(o, f) == getattr(obj, f) for f in subset) for o in scene) == 1]
         if unique:
             break  # the position alone is always unique, so this happens by n = 1
-    subset = rng.choice(unique)  # ties are drawn at random so every attribute gets used in text
-    words = [GRID_CELLS[obj.cell]] if "cell" in subset else []
-    words += [getattr(obj, f) for f in ("size", "color") if f in subset]
-    words.append(obj.shape if "shape" in subset else "object")
+    return rng.choice(unique)  # ties are drawn at random so every attribute gets used in text
+
+
+def _describe(obj: SceneObject, ref: tuple[str, ...]) -> str:
+    words = [GRID_CELLS[obj.cell]] if "cell" in ref else []
+    words += [getattr(obj, f) for f in ("size", "color") if f in ref]
+    words.append(obj.shape if "shape" in ref else "object")
     return " ".join(words)
 
 
-def _new_values(obj: _Object, attribute: str, combos: Sequence[_Combo]) -> list[str]:
+def new_values(obj: SceneObject, attribute: str, combos: Sequence[Combo]) -> list[str]:
     if attribute == "size":
         return [s for s in SIZES if s != obj.size]
     if attribute == "color":
@@ -223,57 +229,70 @@ def _new_values(obj: _Object, attribute: str, combos: Sequence[_Combo]) -> list[
     return [s for s in SHAPES if s != obj.shape and (obj.color, s) in combos]
 
 
-def _random_edit(rng: random.Random, scene: _Scene, combos: Sequence[_Combo]) -> _Edit:
-    kinds = (["add"] if len(scene) < _MAX_OBJECTS else []) + (["remove", "make"] if scene else [])
+def add_edit(scene: Scene, new: SceneObject) -> Edit:
+    text = f"add {new.size} {new.color} {new.shape} to {GRID_CELLS[new.cell]}"
+    return Edit(text, "add", None, None, new, tuple(sorted(scene + (new,))))
+
+
+def remove_edit(scene: Scene, obj: SceneObject, ref: tuple[str, ...]) -> Edit:
+    others = tuple(o for o in scene if o.cell != obj.cell)
+    return Edit(f"remove {_describe(obj, ref)}", "remove", None, obj, None, others, ref)
+
+
+def make_edit(scene: Scene, obj: SceneObject, ref: tuple[str, ...], attribute: str, value: str) -> Edit:
+    new = obj._replace(**{attribute: value})
+    others = tuple(o for o in scene if o.cell != obj.cell)
+    return Edit(f"make {_describe(obj, ref)} {value}", "make", attribute, obj, new, tuple(sorted(others + (new,))),
+                ref)
+
+
+def random_edit(rng: random.Random, scene: Scene, combos: Sequence[Combo]) -> Edit:
+    kinds = (["add"] if len(scene) < MAX_OBJECTS else []) + (["remove", "make"] if scene else [])
     kind = rng.choice(kinds)
     if kind == "add":
         taken = {o.cell for o in scene}
-        new = _random_object(rng, rng.choice([c for c in range(9) if c not in taken]), combos)
-        text = f"add {new.size} {new.color} {new.shape} to {GRID_CELLS[new.cell]}"
-        return _Edit(text, kind, None, None, new, tuple(sorted(scene + (new,))))
+        return add_edit(scene, random_object(rng, rng.choice([c for c in range(9) if c not in taken]), combos))
     obj = rng.choice(scene)
-    others = tuple(o for o in scene if o.cell != obj.cell)
-    ref = _refer(rng, scene, obj)
+    ref = reference_fields(rng, scene, obj)
     if kind == "remove":
-        return _Edit(f"remove {ref}", kind, None, obj, None, others)
+        return remove_edit(scene, obj, ref)
     attribute = rng.choice(("color", "size", "shape"))
-    value = rng.choice(_new_values(obj, attribute, combos))
-    new = obj._replace(**{attribute: value})
-    return _Edit(f"make {ref} {value}", kind, attribute, obj, new, tuple(sorted(others + (new,))))
+    return make_edit(scene, obj, ref, attribute, rng.choice(new_values(obj, attribute, combos)))
 
 
-def _distinct_edits(rng: random.Random, scene: _Scene, count: int, combos: Sequence[_Combo],
-                    parent: _Scene | None) -> list[_Edit]:
-    """`count` edits with distinct targets; none undoes the edit that produced `scene` from `parent`."""
-    seen = {_key(parent)} if parent is not None else set()
-    edits: list[_Edit] = []
+def distinct_edits(rng: random.Random, scene: Scene, count: int, combos: Sequence[Combo],
+                   excluded: Iterable[Scene] = ()) -> list[Edit]:
+    """`count` edits of `scene` with distinct targets, none of them one of the `excluded` scenes."""
+    seen = {scene_key(other) for other in excluded}
+    edits: list[Edit] = []
     while len(edits) < count:  # terminates: every scene admits well over `count` distinct edits
-        edit = _random_edit(rng, scene, combos)
-        if _key(edit.target) not in seen:
-            seen.add(_key(edit.target))
+        edit = random_edit(rng, scene, combos)
+        if scene_key(edit.target) not in seen:
+            seen.add(scene_key(edit.target))
             edits.append(edit)
     return edits
 
 
 @dataclass
 class _GeneratedSplit:
-    scenes: list[_Scene]
-    pairs: list[tuple[int, _Edit, int]]  # (source image, edit, target image)
+    scenes: list[Scene]
+    pairs: list[tuple[int, Edit, int]]  # (source image, edit, target image)
 
 
-def _generate_split(rng: random.Random, families: int, combos: Sequence[_Combo]) -> _GeneratedSplit:
+def _generate_split(rng: random.Random, families: int, combos: Sequence[Combo]) -> _GeneratedSplit:
     """Trees of edits: chained sources make a source's parent and siblings compete with its targets,
     which keeps image-only retrieval weak, as on real CSS."""
     split = _GeneratedSplit([], [])
     for _ in range(families):
-        split.scenes.append(_random_scene(rng, combos))
-        frontier: list[tuple[int, _Scene | None]] = [(len(split.scenes) - 1, None)]
+        split.scenes.append(random_scene(rng, combos))
+        frontier: list[tuple[int, Scene | None]] = [(len(split.scenes) - 1, None)]
         for level in range(_DEPTH):
             next_frontier = []
             for source, parent in frontier:
                 targets = []
-                for number, edit in enumerate(_distinct_edits(rng, split.scenes[source], _EDITS + _VARIANTS,
-                                                              combos, parent)):
+                # Excluding the parent: no edit undoes the edit that produced its source.
+                for number, edit in enumerate(distinct_edits(rng, split.scenes[source], _EDITS + _VARIANTS,
+                                                             combos, () if parent is None else (parent,))):
                     split.scenes.append(edit.target)
                     if number < _EDITS:
                         split.pairs.append((source, edit, len(split.scenes) - 1))
@@ -284,12 +303,12 @@ def _generate_split(rng: random.Random, families: int, combos: Sequence[_Combo])
     return split
 
 
-def _labels(scenes: Sequence[_Scene]) -> np.ndarray:
+def _labels(scenes: Sequence[Scene]) -> np.ndarray:
     ids: dict[tuple, int] = {}
-    return np.array([ids.setdefault(_key(scene), len(ids)) for scene in scenes], dtype=np.int64)
+    return np.array([ids.setdefault(scene_key(scene), len(ids)) for scene in scenes], dtype=np.int64)
 
 
-def _mods(pairs: Iterable[tuple[int, _Edit, int]]) -> list[dict[str, Any]]:
+def _mods(pairs: Iterable[tuple[int, Edit, int]]) -> list[dict[str, Any]]:
     """Pairs grouped by identical text (one mod per distinct text), in first-seen order."""
     by_text: dict[str, dict[str, Any]] = {}
     for source, edit, target in pairs:
@@ -299,18 +318,24 @@ def _mods(pairs: Iterable[tuple[int, _Edit, int]]) -> list[dict[str, Any]]:
     return list(by_text.values())
 
 
-def _regions(name: str, pairs: Sequence[tuple[int, _Edit, int]], mods: Sequence[dict],
-             image_size: int) -> list[EditRegion]:
-    """One region per query, in `CSSSplit.queries()` order: the edited object before and after."""
+def edit_mask(edit: Edit, image_size: int) -> np.ndarray:
+    """The pixels an edit is about, the same in source and target: the edited object before and after."""
+    mask = np.zeros((image_size, image_size), dtype=bool)
+    for obj in (edit.before, edit.after):
+        if obj is not None:
+            mask |= object_mask(obj.as_dict(), image_size)
+    return mask
+
+
+def _regions(name: str, pairs: Sequence[tuple[int, Edit, int]], mods: Sequence[dict],
+             mask_of: Callable[[int, Edit, int], np.ndarray]) -> list[EditRegion]:
+    """One region per query, in `CSSSplit.queries()` order."""
     edits = {(source, edit.text, target): edit for source, edit, target in pairs}
     regions = []
     for mod in mods:
         for source, target in zip(mod["from"], mod["to"]):
             edit = edits[(source, mod["to_str"], target)]
-            mask = np.zeros((image_size, image_size), dtype=bool)
-            for obj in (edit.before, edit.after):
-                if obj is not None:
-                    mask |= object_mask(obj.as_dict(), image_size)
+            mask = mask_of(source, edit, target)
             regions.append(EditRegion.from_masks(name, source, target, mod["to_str"], edit.kind, edit.attribute,
                                                  mask, mask))
     return regions
@@ -320,54 +345,76 @@ def _image_name(split: str, index: int) -> str:
     return f"css_{split}_{index:06d}.png"
 
 
-def _write_images(out: Path, objects: dict[str, list[list[dict]]], image_size: int, progress: bool) -> None:
-    """Render every PNG into a staging folder and rename it into place only when complete."""
-    staging, old, final = out / ".images.partial", out / ".images.old", out / IMAGES_DIR
+def write_pngs(out: Path, scenes: dict[str, list[dict]], image_size: int, progress: bool, desc: str,
+               draw: Callable[[str, list[dict]], np.ndarray] | None = None) -> None:
+    """Render each scene to the PNG at its path relative to `out` (with `draw(path, objects)`, TIRG's 2D
+    renderer by default); every top-level folder of those paths is staged whole and renamed into place
+    (replacing an old one) only when complete."""
+    staging, old = out / ".images.partial", out / ".images.old"
     for stale in (staging, old):
         shutil.rmtree(stale, ignore_errors=True)
     staging.mkdir()
-    total = sum(len(scenes) for scenes in objects.values())
-    with tqdm(total=total, desc="rendering CSS images", unit="img", disable=not progress) as bar:
-        for split, scenes in objects.items():
-            for index, scene in enumerate(scenes):
-                pixels = _paint(np.full((image_size, image_size, 3), 255, dtype=np.uint8), scene, _UINT8_PALETTE)
-                Image.fromarray(pixels).save(staging / _image_name(split, index), format="PNG")
-                bar.update()
+    old.mkdir()
+    for relative, objects in tqdm(scenes.items(), desc=desc, unit="img", disable=not progress):
+        path = staging / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = (draw(relative, objects) if draw is not None
+                  else _paint(np.full((image_size, image_size, 3), 255, dtype=np.uint8), objects, _UINT8_PALETTE))
+        Image.fromarray(pixels).save(path, format="PNG")
     os.sync()  # one flush for all PNGs: an fsync per file would cost minutes at full scale
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    for folder in sorted(staging.iterdir()):
+        if (out / folder.name).exists():
+            (out / folder.name).rename(old / folder.name)
+        folder.rename(out / folder.name)
+    shutil.rmtree(staging)
+    shutil.rmtree(old)
 
 
-def _check_output_folder(out: Path) -> None:
-    """Refuse to write into a folder holding anything but a (possibly half-written) generated CSS."""
-    ours = {DATA_FILE, IMAGES_DIR, GENERATION_FILE, EDIT_REGIONS_FILE, ".images.partial", ".images.old"}
-    foreign = [p.name for p in out.iterdir()
-               if p.name not in ours and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
-    if foreign:
-        found = ", ".join(sorted(foreign)[:3])
-        raise FileExistsError(f"{out}: not empty and not a generated CSS dataset (found {found})")
+_OUTPUTS = (DATA_FILE, IMAGES_DIR, EDIT_REGIONS_FILE, ".images.partial", ".images.old", IMAGES_3D_DIR,
+            EDIT_REGIONS_3D_FILE)
+
+
+def _write_3d(out: Path, generated: dict[str, _GeneratedSplit], image_size: int,
+              progress: bool) -> tuple[list[EditRegion], dict[str, Any]]:
+    """The 3D renders into images_3d/; returns their edit regions (the edited object, before and after,
+    with the shadow it casts: see `cirlab.data.css3d.Render3D.region`) and the renderer's settings."""
+    from cirlab.data.css3d import RegionRecorder, settings  # imported here: css3d builds on this module
+
+    def path(split: str, image: int) -> str:
+        return f"{IMAGES_3D_DIR}/{_image_name(split, image)}"
+
+    def edited(split: str, source: int, edit: Edit, target: int) -> list[tuple[str, int]]:
+        scenes = generated[split].scenes
+        return [(path(split, image), scenes[image].index(obj))
+                for image, obj in ((source, edit.before), (target, edit.after)) if obj is not None]
+
+    recorder = RegionRecorder(image_size, {key for split, gen in generated.items()
+                                           for pair in gen.pairs for key in edited(split, *pair)})
+    scenes = {path(split, index): [o.as_dict() for o in scene]
+              for split, gen in generated.items() for index, scene in enumerate(gen.scenes)}
+    write_pngs(out, scenes, image_size, progress, "rendering CSS 3D images", draw=recorder.draw)
+    regions: list[EditRegion] = []
+    for split, gen in generated.items():
+        def mask(source: int, edit: Edit, target: int, split: str = split) -> np.ndarray:
+            return np.logical_or.reduce([recorder.region(*key) for key in edited(split, source, edit, target)])
+        regions += _regions(split, gen.pairs, _mods(gen.pairs), mask)
+    return regions, {"images": IMAGES_3D_DIR, "edit_regions": EDIT_REGIONS_3D_FILE, **settings()}
 
 
 def generate_css(out: Path, preset: str = "demo", seed: int = 0, image_size: int = 64, progress: bool = True,
-                 *, families: int | None = None) -> Path:
+                 *, families: int | None = None, with_3d: bool = False) -> Path:
     """Write a synthetic CSS dataset in the real on-disk format to `out`; returns `out`.
 
     The same arguments give byte-identical files. `families` overrides the preset's number of edit
-    trees per split (tests use tiny datasets). `generation.json` is written last, so its presence
-    marks a complete dataset.
+    trees per split (tests use tiny datasets). `with_3d` also writes a 3D render of every scene
+    (`cirlab.data.css3d`) to images_3d/ and their edit regions to edit_regions_3d.jsonl.
+    `generation.json` is written last, so its presence marks a complete dataset.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown CSS preset {preset!r} (known: {', '.join(PRESETS)})")
-    if image_size < _MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be at least {_MIN_IMAGE_SIZE}, got {image_size}")
-    if families is not None and families < 1:
-        raise ValueError(f"families must be at least 1, got {families}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_output_folder(out)
-    (out / GENERATION_FILE).unlink(missing_ok=True)  # the folder is incomplete until it is rewritten
+    check_arguments("CSS", preset, PRESETS, image_size, MIN_IMAGE_SIZE, "families", families)
+    out = prepare_output_folder(out, "CSS", _OUTPUTS)
+    if not with_3d:  # 3D renders of an earlier generation would not match the new scenes
+        shutil.rmtree(out / IMAGES_3D_DIR, ignore_errors=True)
+        (out / EDIT_REGIONS_3D_FILE).unlink(missing_ok=True)
 
     held_out = _held_out_combos(seed)
     every_combo = [(c, s) for c in COLOURS for s in SHAPES]
@@ -382,25 +429,32 @@ def generate_css(out: Path, preset: str = "demo", seed: int = 0, image_size: int
         labels = _labels(gen.scenes)
         data[split] = {"objects_img": [[o.as_dict() for o in scene] for scene in gen.scenes],
                        "labels": labels, "mods": mods}
-        regions += _regions(split, gen.pairs, mods, image_size)
+        regions += _regions(split, gen.pairs, mods, lambda source, edit, target: edit_mask(edit, image_size))
         summary[split] = {"families": counts[split], "images": len(gen.scenes), "queries": len(gen.pairs),
                           "mods": len(mods), "sources": len({s for s, _, _ in gen.pairs}),
                           "labels": int(labels.max()) + 1}
 
-    _write_images(out, {split: data[split]["objects_img"] for split in SPLITS}, image_size, progress)
+    scenes = {f"{IMAGES_DIR}/{_image_name(split, index)}": objects
+              for split in SPLITS for index, objects in enumerate(data[split]["objects_img"])}
+    write_pngs(out, scenes, image_size, progress, "rendering CSS images")
+    regions_3d, renders_3d = _write_3d(out, generated, image_size, progress) if with_3d else (None, None)
     buffer = io.BytesIO()
     np.save(buffer, data, allow_pickle=True)  # the real CSS format is a pickled dict
     atomic_write_bytes(out / DATA_FILE, buffer.getvalue())
     write_edit_regions(out / EDIT_REGIONS_FILE, regions)
+    if regions_3d is not None:
+        write_edit_regions(out / EDIT_REGIONS_3D_FILE, regions_3d)
     metadata = {
         "format": "css", "generator": "cirlab.data.css", "generator_version": GENERATOR_VERSION,
         "preset": preset, "seed": seed, "image_size": image_size,
         "held_out_combinations": [{"color": c, "shape": s} for c, s in held_out],
         "structure": {"depth": _DEPTH, "branching": _BRANCHING, "edits_per_source": _EDITS,
-                      "gallery_only_variants_per_source": _VARIANTS, "max_objects": _MAX_OBJECTS,
+                      "gallery_only_variants_per_source": _VARIANTS, "max_objects": MAX_OBJECTS,
                       "jitter_px_at_64": _JITTER},
         "texts": TEXT_TEMPLATES, "counts": summary,
     }
+    if renders_3d is not None:
+        metadata["renders_3d"] = renders_3d
     atomic_write_text(out / GENERATION_FILE, json.dumps(metadata, indent=2) + "\n")
     return out
 
@@ -523,8 +577,8 @@ def _parse_mods(raw: Any, count: int, where: str) -> list[dict[str, Any]]:
     return mods
 
 
-def _image_paths(root: Path, name: str, count: int, data_file: Path) -> list[Path]:
-    folder = root / IMAGES_DIR
+def _image_paths(root: Path, name: str, count: int, data_file: Path, images: str) -> list[Path]:
+    folder = root / images
     if not folder.is_dir():
         raise DataFormatError(f"{folder}: missing images folder of {data_file}")
     present = set(os.listdir(folder))
@@ -564,18 +618,19 @@ class CSSDataset:
     test: CSSSplit
 
 
-def _parse_split(raw: Any, name: str, root: Path, data_file: Path) -> CSSSplit:
+def _parse_split(raw: Any, name: str, root: Path, data_file: Path, images: str) -> CSSSplit:
     where = f"{data_file}: split '{name}'"
     if not (isinstance(raw, dict) and {"objects_img", "mods"} <= set(raw)):
         raise DataFormatError(f"{where}: expected a dict with 'objects_img' and 'mods'")
     scenes = _parse_scenes(raw["objects_img"], where)
     labels = _parse_labels(raw.get("labels"), len(scenes), where)
     mods = _parse_mods(raw["mods"], len(scenes), where)
-    return CSSSplit(scenes, labels, mods, _image_paths(root, name, len(scenes), data_file))
+    return CSSSplit(scenes, labels, mods, _image_paths(root, name, len(scenes), data_file, images))
 
 
-def load_css(path: Path) -> CSSDataset:
-    """Read a CSS dataset (TIRG's original or a generated one); `path` is its folder or its `.npy` file."""
+def load_css(path: Path, images: str = IMAGES_DIR) -> CSSDataset:
+    """Read a CSS dataset (TIRG's original or a generated one); `path` is its folder or its `.npy` file.
+    `images` names the folder next to it that holds the images (IMAGES_3D_DIR: a generated dataset's 3D renders)."""
     path = Path(path)
     if path.is_dir():
         root, data_file = path, path / DATA_FILE
@@ -589,4 +644,4 @@ def load_css(path: Path) -> CSSDataset:
     if not (isinstance(data, dict) and set(SPLITS) <= set(data)):
         found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise DataFormatError(f"{data_file}: expected a dict with 'train' and 'test', found {found}")
-    return CSSDataset(root, *(_parse_split(data[name], name, root, data_file) for name in SPLITS))
+    return CSSDataset(root, *(_parse_split(data[name], name, root, data_file, images) for name in SPLITS))

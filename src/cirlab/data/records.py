@@ -26,6 +26,9 @@ class RetrievalSplit:
     image_paths: list[Path]
     labels: np.ndarray
     queries: list[Query]
+    # Images from this index on are references only, never in the gallery: image gallery_size + i is
+    # another render of image i (CSS 2D-to-3D). None: every image is in the gallery.
+    gallery_size: int | None = None
     # Queries grouped by identical text, in first-seen order: TIRG's sampler draws a text, then a pair.
     text_groups: list[list[int]] = field(init=False)
     # source image -> indices of its queries, for the second (same source) draw of a pair.
@@ -42,7 +45,8 @@ class RetrievalSplit:
 
     def subset(self, name: str, query_indices: list[int]) -> RetrievalSplit:
         """The same images with only the given queries (a validation split shares the gallery)."""
-        return RetrievalSplit(name, self.image_paths, self.labels, [self.queries[i] for i in query_indices])
+        return RetrievalSplit(name, self.image_paths, self.labels, [self.queries[i] for i in query_indices],
+                              self.gallery_size)
 
 
 def carve_validation(split: RetrievalSplit, fraction: float, seed: int) -> tuple[RetrievalSplit, RetrievalSplit]:
