@@ -2,6 +2,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import torch
 
 from cirlab.config import load_config
 from cirlab.data.css import generate_css
@@ -34,3 +35,12 @@ def tiny_index(tiny_css, tmp_path_factory) -> TinyIndex:
     built = TinyIndex(work / "run" / "best", work / "index", tiny_css / "images")
     build_index(built.checkpoint, built.gallery, built.index, progress=False).close()
     return built
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread than on a contended pool; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,7 +17,8 @@ from cirlab.data.tensors import image_tensor
 from cirlab.encoders.text import Vocabulary
 from cirlab.index.base import Index, IndexFormatError, IndexMismatchError, UnknownImageError
 from cirlab.index.build import build_index, embed_batch, model_identity, search_index
-from cirlab.index.faiss_index import DB_FILE, FaissIndex
+from cirlab.index.faiss_index import FaissIndex
+from cirlab.index.store import DB_FILE
 from cirlab.models.registry import create_model
 
 TINY_MODEL = ["model.name=tirg", "model.image_backbone=resnet18", "model.image_weights=null",
@@ -40,13 +41,7 @@ def _write_images(folder: Path, names: list[str], size: tuple[int, int], seed: i
         Image.fromarray(pixels).save(folder / name)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny convolutions run faster on one thread than on a contended pool; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ An index maps string image ids (paths relative to the gallery root) to the vecto
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -31,8 +32,37 @@ class UnknownImageError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def as_matrix(vectors: np.ndarray, dim: int, what: str) -> np.ndarray:
+    """`vectors` as a C-contiguous float32 N x `dim` array; a wrong shape or a NaN is refused, naming `what`."""
+    matrix = np.ascontiguousarray(vectors, dtype=np.float32)
+    if matrix.ndim != 2 or matrix.shape[1] != dim:
+        raise ValueError(f"{what}: expected an N x {dim} array, got shape {matrix.shape}")
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"{what}: contains NaN or infinite values")
+    return matrix
+
+
 @runtime_checkable
 class Index(Protocol):
+    """A folder on disk (`folder`) that `cirlab.index.build.open_index` reopens with the right backend.
+
+    Writes become durable, atomically, at `commit()`; `close()` discards uncommitted ones.
+    """
+
+    folder: Path
+
+    @property
+    def model_id(self) -> str:
+        """Identity of the checkpoint whose target encoder made the vectors (`build.model_identity`)."""
+
+    @property
+    def gallery_root(self) -> Path | None:
+        """The folder the image ids are relative to, where one was recorded."""
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The checkpoint folder the index was built with, where one was recorded."""
+
     def add(self, ids: list[str], vectors: np.ndarray) -> None:
         """Store one N x D float vector per id; ids must be new."""
 
@@ -44,6 +74,24 @@ class Index(Protocol):
 
     def __len__(self) -> int:
         """Number of searchable ids."""
+
+    def __contains__(self, image_id: object) -> bool:
+        """Whether `image_id` is searchable."""
+
+    def ids(self) -> list[str]:
+        """Every searchable id, in insertion order."""
+
+    def commit(self) -> None:
+        """Make every change since the last commit durable, atomically."""
+
+    def close(self) -> None:
+        """Release the index; uncommitted changes are discarded."""
+
+    def __enter__(self) -> Index:
+        """The index itself, closed when the `with` block ends."""
+
+    def __exit__(self, *exc: object) -> None:
+        """Close the index."""
 
     def info(self) -> dict[str, Any]:
         """JSON-ready description: backend, model id, dimension, count, ..."""

@@ -2,12 +2,15 @@
 
 Building is resumable and incremental: image ids already committed are skipped, so rerunning after
 a crash, or after new images were added to the folder, embeds only what is missing. Work is
-committed every `commit_every` images, which bounds what a crash can lose.
+committed every `commit_every` images, which bounds what a crash can lose. Under torchrun every
+process embeds its share of each chunk and rank 0 alone writes the index, committing chunk by chunk
+exactly as one process does.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,14 +21,19 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from cirlab.acceleration import to_device
 from cirlab.checkpoint import CONFIG_FILE, MODEL_FILE, CheckpointError, load_checkpoint
 from cirlab.data.css import load_image
 from cirlab.data.tensors import image_tensor
-from cirlab.index.base import IndexMismatchError, UnknownImageError
-from cirlab.index.faiss_index import FaissIndex
+from cirlab.distributed import DistContext
+from cirlab.index.base import Index, IndexFormatError, IndexMismatchError, IndexStoreError, UnknownImageError
+from cirlab.index.store import DB_FILE, connect, read_meta
 from cirlab.models.base import CIRModel
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+# Index classes by the backend name an index records; imported on first use (Milvus needs pymilvus).
+BACKENDS = {"faiss": "cirlab.index.faiss_index:FaissIndex", "milvus": "cirlab.index.milvus_index:MilvusIndex"}
+_SETTING_NAMES = {"factory": "index type", "gallery_root": "gallery", "uri": "Milvus URI"}  # for messages
 _HASH_BLOCK = 1 << 20
 
 
@@ -64,6 +72,8 @@ def embed_batch(model: CIRModel, pixels: torch.Tensor) -> np.ndarray:
 
 def _embed_files(model: CIRModel, paths: Sequence[Path], batch_size: int, device: torch.device,
                  bar: tqdm) -> np.ndarray:
+    if not paths:  # a rank left without work by a chunk smaller than the number of processes
+        return np.empty((0, 0), dtype=np.float32)
     vectors: dict[int, np.ndarray] = {}
     for start in range(0, len(paths), batch_size):
         tensors = [image_tensor(load_image(path), model.image_size) for path in paths[start:start + batch_size]]
@@ -72,7 +82,7 @@ def _embed_files(model: CIRModel, paths: Sequence[Path], batch_size: int, device
             by_size[tuple(tensor.shape)].append(start + offset)
         # Only equal sizes stack into one batch; nothing is resized, so each image is seen as given.
         for members in by_size.values():
-            batch = torch.stack([tensors[member - start] for member in members]).to(device)
+            batch = to_device(torch.stack([tensors[member - start] for member in members]), device)
             vectors.update(zip(members, embed_batch(model, batch), strict=True))
         bar.update(len(tensors))
     return np.stack([vectors[position] for position in range(len(paths))])
@@ -86,44 +96,112 @@ def _target_model(checkpoint_folder: Path, device: torch.device) -> CIRModel:
     return model
 
 
-def _open_existing(out_folder: Path, model_id: str, factory: str, gallery_root: Path) -> FaissIndex | None:
-    if not FaissIndex.exists(out_folder):
+def _backend_class(backend: str) -> type[Index]:
+    if backend not in BACKENDS:
+        raise IndexFormatError(f"unknown index backend {backend!r} (known: {', '.join(BACKENDS)})")
+    module, _, name = BACKENDS[backend].partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as error:
+        raise IndexStoreError(f"the {backend} backend needs the {error.name} package: "
+                              f"pip install 'cirlab[{backend}]'") from None
+
+
+def recorded_backend(folder: Path) -> str | None:
+    """The backend named in `folder`'s committed index metadata; None where no index was committed."""
+    path = Path(folder) / DB_FILE
+    if not path.is_file():
         return None
-    index = FaissIndex.open(out_folder, model_id=model_id)
-    stored = {"index type": index.factory, "gallery": index.gallery_root}
-    wanted = {"index type": factory, "gallery": gallery_root}
-    differing = [key for key in stored if stored[key] != wanted[key]]
+    connection = connect(path)
+    try:
+        return read_meta(connection).get("backend")
+    finally:
+        connection.close()
+
+
+def open_index(folder: Path, model_id: str | None = None) -> Index:
+    """Open the index in `folder` with the backend that built it; with `model_id`, refuse another model's."""
+    backend = recorded_backend(folder)
+    if backend is None:
+        raise IndexFormatError(f"{folder}: no cirlab index here (missing or incomplete {DB_FILE})")
+    return _backend_class(backend).open(Path(folder), model_id=model_id)
+
+
+def _index_settings(backend: str | None, factory: str | None, milvus_uri: str | None,
+                    collection: str | None) -> dict[str, str]:
+    """The settings given, keyed as in `Index.info()` and the backends' `create`; None means not given."""
+    backend = backend or ("milvus" if milvus_uri or collection else "faiss" if factory else None)
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown index backend {backend!r} (known: {', '.join(BACKENDS)})")
+    if backend == "milvus" and (factory or not milvus_uri):
+        raise ValueError("the milvus backend needs a server URI and takes no FAISS factory (it is exact, FLAT)")
+    if backend == "faiss" and (milvus_uri or collection):
+        raise ValueError("a Milvus URI and collection are settings of the milvus backend, not of faiss")
+    given = {"backend": backend, "factory": factory, "uri": milvus_uri, "collection": collection}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _open_existing(out_folder: Path, model_id: str, wanted: dict[str, str]) -> Index | None:
+    if recorded_backend(out_folder) is None:
+        return None
+    index = open_index(out_folder, model_id=model_id)
+    stored = index.info()
+    differing = [key for key in wanted if stored.get(key) != wanted[key]]
     if differing:
         index.close()
-        raise IndexMismatchError(f"{out_folder}: index has " + ", ".join(f"{key} {stored[key]}" for key in differing)
-                                 + "; asked for " + ", ".join(f"{key} {wanted[key]}" for key in differing))
+        raise IndexMismatchError(f"{out_folder}: index has " + ", ".join(
+            f"{_SETTING_NAMES.get(key, key)} {stored.get(key)}" for key in differing) + "; asked for " + ", ".join(
+            f"{_SETTING_NAMES.get(key, key)} {wanted[key]}" for key in differing))
     return index
 
 
 def build_index(checkpoint_folder: Path, image_dir: Path, out_folder: Path, batch_size: int = 64,
-                factory: str = "Flat", commit_every: int = 512, progress: bool = True,
-                device: str | torch.device = "cpu") -> FaissIndex:
-    """Create or extend the index in `out_folder` with every image of `image_dir` it lacks."""
+                factory: str | None = None, commit_every: int = 512, progress: bool = True,
+                device: str | torch.device = "cpu", ctx: DistContext | None = None, backend: str | None = None,
+                milvus_uri: str | None = None, collection: str | None = None) -> Index | None:
+    """Create or extend the index in `out_folder` with every image of `image_dir` it lacks.
+
+    A new index is a FAISS one (`factory`, default Flat) unless `backend` is "milvus" (`milvus_uri`, and
+    `collection`, default named after the folder). Settings given for an existing index must be the ones
+    it was built with; settings left out are its own.
+
+    Under torchrun, with `ctx` from `cirlab.distributed.process_group`, the ranks share the embedding
+    and rank 0 writes; rank 0 returns the index, the other ranks None.
+    """
     if batch_size < 1 or commit_every < 1:
         raise ValueError(f"batch_size ({batch_size}) and commit_every ({commit_every}) must be positive")
+    ctx = ctx or DistContext()
+    settings = _index_settings(backend, factory, milvus_uri, collection)
     image_dir = Path(image_dir).resolve()
     model_id = model_identity(checkpoint_folder)
-    names = list_images(image_dir)
-    if not names:
-        raise ValueError(f"{image_dir}: no .png, .jpg or .jpeg images")
-    index = _open_existing(Path(out_folder), model_id, factory, image_dir)
-    try:
+    index: Index | None = None
+    missing: list[str] = []
+    if ctx.is_main:  # the only process that opens the index; the others just embed what it hands out
+        names = list_images(image_dir)
+        if not names:
+            raise ValueError(f"{image_dir}: no .png, .jpg or .jpeg images")
+        index = _open_existing(Path(out_folder), model_id, settings | {"gallery_root": str(image_dir)})
         missing = [name for name in names if index is None or name not in index]
+    try:
+        missing = ctx.broadcast_strings(missing)
         if missing:
             device = torch.device(device)
             model = _target_model(Path(checkpoint_folder), device)
-            with tqdm(total=len(missing), desc="indexing images", unit="img", disable=not progress) as bar:
+            with tqdm(total=len(missing), desc="indexing images", unit="img",
+                      disable=not (progress and ctx.is_main)) as bar:
                 for start in range(0, len(missing), commit_every):
                     chunk = missing[start:start + commit_every]
-                    vectors = _embed_files(model, [image_dir / name for name in chunk], batch_size, device, bar)
+                    share = ctx.share(len(chunk))
+                    own = [image_dir / name for name in chunk[share.start:share.stop]]
+                    vectors = ctx.gather_rows(_embed_files(model, own, batch_size, device, bar))
+                    bar.update(len(chunk) - len(own))  # the other ranks' images
+                    if not ctx.is_main:
+                        continue
                     if index is None:  # created only now, when the vector dimension is known
-                        index = FaissIndex.create(out_folder, vectors.shape[1], model_id, factory, image_dir,
-                                                  checkpoint=Path(checkpoint_folder))
+                        options = {key: value for key, value in settings.items() if key != "backend"}
+                        index = _backend_class(settings.get("backend", "faiss")).create(
+                            out_folder, vectors.shape[1], model_id, gallery_root=image_dir,
+                            checkpoint=Path(checkpoint_folder), **options)
                     index.add(chunk, vectors)
                     index.commit()
     except BaseException:
@@ -135,13 +213,13 @@ def build_index(checkpoint_folder: Path, image_dir: Path, out_folder: Path, batc
 
 def recorded_checkpoint(index_folder: Path) -> Path:
     """The checkpoint an index was built with, as `build_index` recorded it."""
-    with FaissIndex.open(Path(index_folder)) as index:
+    with open_index(Path(index_folder)) as index:
         if index.checkpoint is None:
             raise ValueError(f"{index_folder}: the index records no checkpoint; pass --checkpoint")
         return index.checkpoint
 
 
-def _gallery_image(index: FaissIndex, image_id: str) -> Image.Image:
+def _gallery_image(index: Index, image_id: str) -> Image.Image:
     if image_id not in index:
         raise UnknownImageError(f"reference {image_id!r} is not an image of the index at {index.folder}")
     if index.gallery_root is None:
@@ -149,7 +227,7 @@ def _gallery_image(index: FaissIndex, image_id: str) -> Image.Image:
     return load_image(index.gallery_root / image_id)
 
 
-def search_index(index: FaissIndex, model: CIRModel, reference_image: Image.Image | str, text: str,
+def search_index(index: Index, model: CIRModel, reference_image: Image.Image | str, text: str,
                  k: int = 10, exclude_reference: bool = True) -> list[tuple[str, float]]:
     """The k best (image id, cosine) for a reference (an image, or a gallery id) modified by `text`.
 

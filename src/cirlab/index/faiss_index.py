@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -29,15 +28,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from cirlab.index.base import IndexFormatError, IndexMismatchError, UnknownImageError
+from cirlab.index.base import IndexFormatError, IndexMismatchError, UnknownImageError, as_matrix
+from cirlab.index.store import DB_FILE, FORMAT_VERSION, SCHEMA, StoredIds, connect, read_meta
 
-DB_FILE = "index.sqlite"
-FORMAT_VERSION = 1
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE ids (int_id INTEGER PRIMARY KEY, image_id TEXT NOT NULL UNIQUE);
-CREATE TABLE tombstones (int_id INTEGER PRIMARY KEY);
-"""
 _OPEN_ATTEMPTS = 5  # a reader can lose a race with a writer deleting the generation it just read
 
 
@@ -51,26 +44,6 @@ def _fsync_path(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    # Autocommit mode: transactions are opened and committed explicitly, never implicitly.
-    connection = sqlite3.connect(path, isolation_level=None)
-    try:
-        connection.execute("PRAGMA busy_timeout=10000")
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=FULL")  # a returned COMMIT survives power loss
-    except sqlite3.DatabaseError as error:
-        connection.close()
-        raise IndexFormatError(f"{path}: not a readable SQLite database ({error})") from None
-    return connection
-
-
-def _read_meta(connection: sqlite3.Connection) -> dict[str, str]:
-    try:
-        return dict(connection.execute("SELECT key, value FROM meta"))
-    except sqlite3.OperationalError:  # no meta table yet: a crash inside `create`
-        return {}
 
 
 def _build_faiss(dim: int, factory: str) -> faiss.Index:
@@ -93,7 +66,7 @@ def _hnsw(index: faiss.Index) -> faiss.IndexHNSW | None:
     return inner if isinstance(inner, faiss.IndexHNSW) else None
 
 
-class FaissIndex:
+class FaissIndex(StoredIds):
     """Inner-product retrieval over image ids; see the module docstring for the on-disk contract."""
 
     def __init__(self, folder: Path, index: faiss.Index, connection: sqlite3.Connection,
@@ -116,9 +89,9 @@ class FaissIndex:
         path = Path(folder) / DB_FILE
         if not path.is_file():
             return False
-        connection = _connect(path)
+        connection = connect(path)
         try:
-            return "generation" in _read_meta(connection)
+            return "generation" in read_meta(connection)
         finally:
             connection.close()
 
@@ -132,8 +105,8 @@ class FaissIndex:
         folder.mkdir(parents=True, exist_ok=True)
         for leftover in (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm"):  # from a crash inside create
             (folder / leftover).unlink(missing_ok=True)
-        connection = _connect(folder / DB_FILE)
-        connection.executescript(_SCHEMA)
+        connection = connect(folder / DB_FILE)
+        connection.executescript(SCHEMA)
         meta = {
             "format_version": str(FORMAT_VERSION), "backend": "faiss", "model_id": model_id, "dim": str(dim),
             "factory": factory, "gallery_root": "" if gallery_root is None else str(Path(gallery_root).resolve()),
@@ -151,7 +124,7 @@ class FaissIndex:
         folder = Path(folder)
         if not cls.exists(folder):
             raise IndexFormatError(f"{folder}: no cirlab index here (missing or incomplete {DB_FILE})")
-        connection = _connect(folder / DB_FILE)
+        connection = connect(folder / DB_FILE)
         try:
             meta, index = cls._load_committed(folder, connection)
             if model_id is not None and meta["model_id"] != model_id:
@@ -168,7 +141,7 @@ class FaissIndex:
             # One read transaction: metadata and row counts come from the same committed state.
             connection.execute("BEGIN")
             try:
-                meta = _read_meta(connection)
+                meta = read_meta(connection)
                 rows = connection.execute("SELECT (SELECT COUNT(*) FROM ids) + (SELECT COUNT(*) FROM tombstones)")
                 stored_rows = rows.fetchone()[0]
             finally:
@@ -195,22 +168,8 @@ class FaissIndex:
         if not self._db.in_transaction:
             self._db.execute("BEGIN IMMEDIATE")  # take the write lock now, not at the first write
 
-    def _as_matrix(self, vectors: np.ndarray, what: str) -> np.ndarray:
-        matrix = np.ascontiguousarray(vectors, dtype=np.float32)
-        dim = int(self._meta["dim"])
-        if matrix.ndim != 2 or matrix.shape[1] != dim:
-            raise ValueError(f"{what}: expected an N x {dim} array, got shape {matrix.shape}")
-        if not np.isfinite(matrix).all():
-            raise ValueError(f"{what}: contains NaN or infinite values")
-        return matrix
-
     def add(self, ids: list[str], vectors: np.ndarray) -> None:
-        matrix = self._as_matrix(vectors, "vectors")
-        if len(ids) != len(matrix):
-            raise ValueError(f"{len(ids)} ids for {len(matrix)} vectors")
-        duplicates = sorted({name for name in ids if name in self._by_name} | _repeated(ids))
-        if duplicates:
-            raise ValueError(f"ids already in the index or repeated: {', '.join(duplicates[:5])}")
+        matrix = self._checked_additions(ids, vectors)
         if not ids:
             return
         if not self._index.is_trained:
@@ -278,47 +237,12 @@ class FaissIndex:
         for path in self.folder.glob(".vectors-*.faiss.tmp"):
             path.unlink(missing_ok=True)
 
-    def close(self) -> None:
-        """Release the database; uncommitted changes are discarded."""
-        if self._db.in_transaction:
-            self._db.execute("ROLLBACK")
-        self._db.close()
-
-    def __enter__(self) -> FaissIndex:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- reading ------------------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return len(self._by_name)
-
-    def __contains__(self, image_id: object) -> bool:
-        return image_id in self._by_name
-
-    def ids(self) -> list[str]:
-        """Every searchable id, in insertion order."""
-        return [self._by_int[int_id] for int_id in sorted(self._by_int)]
-
-    @property
-    def model_id(self) -> str:
-        return self._meta["model_id"]
 
     @property
     def factory(self) -> str:
         return self._meta["factory"]
 
-    @property
-    def gallery_root(self) -> Path | None:
-        return Path(self._meta["gallery_root"]) if self._meta["gallery_root"] else None
-
-    @property
-    def checkpoint(self) -> Path | None:
-        """The checkpoint folder the index was built with, where it recorded one."""
-        recorded = self._meta.get("checkpoint")
-        return Path(recorded) if recorded else None
 
     def reconstruct(self, ids: Iterable[str]) -> np.ndarray:
         """The stored vectors of `ids` (N x D), e.g. for exact rescoring."""
@@ -332,7 +256,7 @@ class FaissIndex:
         return vectors
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
-        matrix = self._as_matrix(queries, "queries")
+        matrix = as_matrix(queries, int(self._meta["dim"]), "queries")
         k = min(k, len(self))
         scores = np.full((len(matrix), k), -np.inf, dtype=np.float32)
         if k <= 0:
@@ -358,7 +282,3 @@ class FaissIndex:
             "gallery_root": self._meta["gallery_root"] or None, "uncommitted_changes": self._dirty,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
         }
-
-
-def _repeated(ids: list[str]) -> set[str]:
-    return {name for name, count in Counter(ids).items() if count > 1}

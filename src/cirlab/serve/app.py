@@ -36,17 +36,17 @@ from cirlab.data.errors import DataFormatError
 from cirlab.data.tensors import square_image
 from cirlab.explain.overlay import explain_pair, heatmap_overlay
 from cirlab.files import png_bytes
-from cirlab.index.build import model_identity, search_index
-from cirlab.index.faiss_index import FaissIndex
+from cirlab.index.base import Index
+from cirlab.index.build import model_identity, open_index, search_index
 from cirlab.models.base import CIRModel
 
 # Formats Pillow decodes itself; others (EPS, for one) would hand the upload to external programs.
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+THUMB_PX = 256
 GALLERY_PAGE, MAX_GALLERY_PAGE = 24, 200  # ids per page of `GET /api/gallery`: default and cap
 STATIC = Path(__file__).parent / "static"  # the web page, shipped as package data
 # The page loads nothing from elsewhere; uploads are previewed from blob: URLs.
 PAGE_POLICY = "default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
-THUMB_PX = 256
 MIN_OVERLAY_PX = 256
 _FORM_OVERHEAD = 64 * 1024  # text fields and multipart headers sent along with the image
 _REFERENCE_RULE = "give exactly one reference: an `image` upload or an `image_id` of the gallery"
@@ -58,6 +58,7 @@ class ImageRef(BaseModel):
     id: str
     url: str
 
+
 class Hit(ImageRef):
     score: float
 
@@ -66,7 +67,6 @@ class GalleryPage(BaseModel):
     total: int  # indexed images in all
     offset: int
     images: list[ImageRef]
-
 
 
 class SearchResponse(BaseModel):
@@ -82,7 +82,7 @@ class Health(BaseModel):
 
 def _open(index_folder: Path, checkpoint_folder: Path) -> tuple[CIRModel, Index]:
     model = load_checkpoint(checkpoint_folder).model.eval()
-    index = FaissIndex.open(index_folder, model_id=model_identity(checkpoint_folder))
+    index = open_index(index_folder, model_id=model_identity(checkpoint_folder))
     if index.gallery_root is None:
         index.close()
         raise ValueError(f"{index_folder}: index records no gallery folder, so there are no images to serve")
@@ -99,8 +99,8 @@ class _Engine:
         except BaseException:
             self._worker.shutdown()
             raise
-        self.ids = self.index.ids()  # fixed while serving: the index is opened once and never written
         self.gallery = self.index.gallery_root.resolve()
+        self.ids = self.index.ids()  # fixed while serving: the index is opened once and never written
 
     async def run(self, function: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._worker, function)
@@ -150,9 +150,9 @@ class _BodyLimit:
 
         await self.app(scope, limited_receive, send)
 
+
 def _image_url(image_id: str) -> str:
     return f"/api/images/{quote(image_id)}"
-
 
 
 def _clean_text(text: str) -> str:
@@ -231,6 +231,7 @@ def create_app(index_folder: Path, checkpoint_folder: Path, max_upload_bytes: in
     @app.get("/health")
     async def health() -> Health:
         return Health(status="ok", images=len(engine.index), model_id=engine.index.model_id)
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
@@ -244,7 +245,6 @@ def create_app(index_folder: Path, checkpoint_folder: Path, max_upload_bytes: in
         names = engine.ids[offset:offset + limit]
         return GalleryPage(total=len(engine.ids), offset=offset, images=[ImageRef(id=name, url=_image_url(name))
                                                                          for name in names])
-
 
     @app.post("/api/search")
     async def search(text: Text, k: Annotated[int, Form(ge=1, le=max_k)] = 10, image: Upload = None,
