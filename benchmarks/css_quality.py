@@ -3,36 +3,46 @@
 CPU recipe (the default, stated in every output): the demo recipe of configs/css/demo.yaml, i.e. a
 frozen EfficientNet-Lite0 (bundled ImageNet weights) cut after stage 3 with cached maps, flatten
 pooling, TIRG's SGD recipe and soft triplet loss, for --iterations steps. `--recipe paper` trains
-configs/css/<model>.yaml instead (ResNet-18 end to end, 160k steps: a GPU job).
+configs/css/<model>.yaml instead (ResNet-18 end to end, 160k steps: a GPU job). A model with its own
+CPU recipe, configs/css/<model>_cpu.yaml (lbf_big, lbf_small), trains that instead of the demo recipe.
+A model named <model>_oracle (e.g. lbf_big_oracle) is <model> fed the generator's own object boxes
+(plus the whole image) instead of computed proposals: an upper bound on region quality, labelled so.
 
     python benchmarks/css_quality.py                       # generates data/css-full if missing
     python benchmarks/css_quality.py --seeds 0 --iterations 500 --models tirg concat   # quick look
+    python benchmarks/css_quality.py --models tirg lbf_big lbf_small lbf_big_oracle     # LBF beside TIRG
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import command_line, describe_machine  # noqa: E402
+from machine import command_line, describe_machine, publish  # noqa: E402
 
 from cirlab.checkpoint import load_checkpoint  # noqa: E402
 from cirlab.config import load_config  # noqa: E402
 from cirlab.data.benchmarks import load_splits  # noqa: E402
-from cirlab.data.css import generate_css  # noqa: E402
+from cirlab.data.css import generate_css, load_css, load_image, object_mask  # noqa: E402
+from cirlab.data.regions import mask_box  # noqa: E402
 from cirlab.data.tensors import CachedMaps, ImageBatches, PixelImages  # noqa: E402
 from cirlab.devices import resolve_device  # noqa: E402
+from cirlab.encoders.regions import REGION_CACHE, attach_regions, write_region_file  # noqa: E402
 from cirlab.evaluate import css_protocol, evaluate_split  # noqa: E402
-from cirlab.files import atomic_write_text  # noqa: E402
 from cirlab.train import BEST, train  # noqa: E402
 
 MODELS = ("image_only", "text_only", "concat", "tirg")
+DEMO = "configs/css/demo.yaml"
+ORACLE = "_oracle"
+ORACLE_NOTE = ("*_oracle rows: the generator's own object boxes (and the whole image) as regions instead of "
+               "computed proposals; an upper bound on region quality, not a comparable method")
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,15 +57,40 @@ def parse_args() -> argparse.Namespace:
 
 
 def recipe(args: argparse.Namespace, model: str, seed: int) -> list[str]:
-    common = [f"model.name={model}", f"data.root={args.data}", f"train.seed={seed}"]
+    common = [f"data.root={args.data}", f"train.seed={seed}"]
+    if config_path(args, model) == DEMO:  # the shared recipe: say which model
+        common.insert(0, f"model.name={model}")
+    if model.endswith(ORACLE):
+        common += ["model.options.regions=boxes", f"model.options.region_dir={oracle_folder(args)}"]
     if args.recipe == "paper":
         return common
     return common + [f"train.iterations={args.iterations}", f"train.eval_every={max(args.iterations // 3, 1)}",
                      f"train.log_every={max(args.iterations // 100, 1)}"]
 
 
+
 def config_path(args: argparse.Namespace, model: str) -> str:
-    return "configs/css/demo.yaml" if args.recipe == "cpu" else f"configs/css/{model}.yaml"
+    model = model.removesuffix(ORACLE)
+    if args.recipe == "paper":
+        return f"configs/css/{model}.yaml"
+    own = Path(f"configs/css/{model}_cpu.yaml")
+    return str(own) if own.is_file() else DEMO
+
+
+def oracle_folder(args: argparse.Namespace) -> Path:
+    return Path(args.out) / "oracle-boxes"
+
+
+def write_oracle_boxes(data: Path, folder: Path) -> None:
+    """Every image's ground-truth object boxes (after the whole image) as region files for `regions=boxes`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset = load_css(data)
+    size = load_image(dataset.test.image_paths[0]).width  # one square size per generated dataset
+    for split in (dataset.train, dataset.test):
+        for scene, path in zip(split.scenes, split.image_paths, strict=True):
+            if not (folder / f"{path.stem}.npz").is_file():
+                boxes = [[0, 0, size, size]] + [mask_box(object_mask(obj, size)) for obj in scene]
+                write_region_file(folder / f"{path.stem}.npz", np.array(boxes), image_w=size, image_h=size)
 
 
 def summarise(values: list[float]) -> str:
@@ -63,17 +98,25 @@ def summarise(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {spread:.1f}"
 
 
-def main() -> None:
-    args = parse_args()
-    data = Path(args.data)
+def full_css(folder: str) -> Path:
+    """The benchmark's CSS folder, generated with the `full` preset (seed 0) when missing."""
+    data = Path(folder)
     if not (data / "generation.json").is_file():
         generate_css(data, preset="full", seed=0)
+    return data
+
+
+def main() -> None:
+    args = parse_args()
+    data = full_css(args.data)
     out = Path(args.out)
     cache: dict[str, ImageBatches] = {}
     test_images: dict[str, ImageBatches] = {}
     results: dict[str, list[dict[str, float]]] = {model: [] for model in args.models}
     seconds: dict[str, list[float]] = {model: [] for model in args.models}
     _, test_split = load_splits(load_config(None, [f"data.root={data}"]).data)
+    if any(model.endswith(ORACLE) for model in args.models):
+        write_oracle_boxes(data, oracle_folder(args))
     for seed in args.seeds:
         for model in args.models:
             config = load_config(config_path(args, model), recipe(args, model, seed))
@@ -90,6 +133,7 @@ def main() -> None:
                 if "maps" not in test_images:
                     test_images["maps"] = CachedMaps(net.image_encoder, test_images["pixels"], device)
                 images = test_images["maps"]
+            images = attach_regions(net, images, test_images["pixels"], test_split.image_paths, data / REGION_CACHE)
             metrics = evaluate_split(net, test_split, images, css_protocol(config.protocol), device)
             results[model].append(metrics)
             print(f"seed {seed} {model}: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()), flush=True)
@@ -100,15 +144,13 @@ def main() -> None:
              "", "| model | " + " | ".join(ks) + " | train s/run |", "|---|" + "---:|" * (len(ks) + 1)]
     for model in args.models:
         cells = [summarise([run[k] for run in results[model]]) for k in ks]
-        lines.append(f"| {model} | " + " | ".join(cells) + f" | {statistics.mean(seconds[model]):.0f} |")
+        label = f"{model} (oracle boxes)" if model.endswith(ORACLE) else model
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {statistics.mean(seconds[model]):.0f} |")
+    if any(model.endswith(ORACLE) for model in args.models):
+        lines += ["", ORACLE_NOTE]
     lines += ["", css_protocol(load_config(None, []).protocol).describe(),
               f"machine: {describe_machine()}", f"command: {command_line()}"]
-    table = "\n".join(lines)
-    print("\n" + table)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.md", table + "\n")
-    atomic_write_text(out / "results.json", json.dumps({"runs": results, "seconds": seconds, "args": vars(args),
-                                                       "machine": describe_machine()}, indent=2))
+    publish(out, "\n".join(lines), {"runs": results, "seconds": seconds, "args": vars(args)})
 
 
 if __name__ == "__main__":

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
+
+from cirlab.files import atomic_write_text
 
 
 def describe_machine() -> str:
@@ -23,3 +28,12 @@ def describe_machine() -> str:
 
 def command_line() -> str:
     return "python " + " ".join(sys.argv)
+
+
+def publish(out: Path, table: str, details: dict[str, Any]) -> None:
+    """Print the table, and keep it in OUT/results.md with the raw numbers (and the machine) in results.json."""
+    print("\n" + table)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.md", table + "\n")
+    atomic_write_text(out / "results.json", json.dumps({**details, "machine": describe_machine()}, indent=2))

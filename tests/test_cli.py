@@ -23,7 +23,7 @@ def test_every_subcommand_has_help(words, capsys):
 
 def test_models_lists_the_registry(capsys):
     assert main(["models"]) == 0
-    assert capsys.readouterr().out.split() == ["concat", "image_only", "text_only", "tirg", "tirg_lastconv"]
+    assert capsys.readouterr().out.split() == ["concat", "image_only", "lbf", "text_only", "tirg", "tirg_lastconv"]
 
 
 def _train(root, out):

@@ -53,69 +53,77 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from cirlab.config import load_config
+    from cirlab.distributed import process_group
     from cirlab.train import train
 
     config = load_config(args.config, args.set)
-    result = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite)
-    print(f"best validation {json.dumps(result.best_val)}; checkpoint: {result.run_dir / 'best'}")
+    with process_group(config.train.device) as ctx:  # several processes under torchrun, else one
+        result = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite, ctx=ctx)
+    if ctx.is_main:
+        print(f"best validation {json.dumps(result.best_val)}; checkpoint: {result.run_dir / 'best'}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from cirlab.evaluate import evaluate_checkpoint, write_result
 
-    result = evaluate_checkpoint(Path(args.checkpoint), args.set)
+    result = evaluate_checkpoint(Path(args.checkpoint), args.set, explain_queries=args.explain_queries,
+                                 explain_method=args.explain_method)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{result['split']}"
     print(write_result(result, out))
     print(f"wrote {out}.json and {out}.md")
 
 
 def _cmd_index_build(args: argparse.Namespace) -> None:
+    from cirlab.distributed import process_group
     from cirlab.index.build import build_index
 
-    with build_index(Path(args.checkpoint), Path(args.image_dir), Path(args.out), batch_size=args.batch_size,
-                     factory=args.factory) as index:
-        print(f"{args.out}: {len(index)} images indexed ({index.factory})")
+    with process_group(args.device) as ctx:  # under torchrun the ranks share the embedding, rank 0 writes
+        index = build_index(Path(args.checkpoint), Path(args.image_dir), Path(args.out), batch_size=args.batch_size,
+                            factory=args.factory, device=ctx.device, ctx=ctx, backend=args.backend,
+                            milvus_uri=args.milvus_uri, collection=args.collection)
+    if index is not None:
+        with index:
+            info = index.info()
+            print(f"{args.out}: {len(index)} images indexed ({info['backend']}, {info['factory']})")
 
 
 def _cmd_index_add(args: argparse.Namespace) -> None:
-    from cirlab.index.build import build_index, recorded_checkpoint
-    from cirlab.index.faiss_index import FaissIndex
+    from cirlab.index.build import build_index, open_index, recorded_checkpoint
 
-    with FaissIndex.open(Path(args.index)) as index:
-        before, gallery, factory = len(index), index.gallery_root, index.factory
+    with open_index(Path(args.index)) as index:
+        before, gallery = len(index), index.gallery_root
     if gallery is None:
         raise ValueError(f"{args.index}: the index records no gallery folder to add images from")
     checkpoint = Path(args.checkpoint) if args.checkpoint else recorded_checkpoint(Path(args.index))
-    with build_index(checkpoint, gallery, Path(args.index), factory=factory) as index:
+    with build_index(checkpoint, gallery, Path(args.index)) as index:  # with the index's own settings
         print(f"{args.index}: {len(index) - before} new images added from {gallery}, {len(index)} in all")
 
 
 def _cmd_index_remove(args: argparse.Namespace) -> None:
-    from cirlab.index.faiss_index import FaissIndex
+    from cirlab.index.build import open_index
 
-    with FaissIndex.open(Path(args.index)) as index:
+    with open_index(Path(args.index)) as index:
         index.remove(args.ids)
         index.commit()
         print(f"{args.index}: removed {len(set(args.ids))} images, {len(index)} left")
 
 
 def _cmd_index_info(args: argparse.Namespace) -> None:
-    from cirlab.index.faiss_index import FaissIndex
+    from cirlab.index.build import open_index
 
-    with FaissIndex.open(Path(args.index)) as index:
+    with open_index(Path(args.index)) as index:
         print(json.dumps(index.info(), indent=2, default=str))
 
 
 def _cmd_search(args: argparse.Namespace) -> None:
     from cirlab.checkpoint import load_checkpoint
     from cirlab.data.css import load_image
-    from cirlab.index.build import model_identity, recorded_checkpoint, search_index
-    from cirlab.index.faiss_index import FaissIndex
+    from cirlab.index.build import model_identity, open_index, recorded_checkpoint, search_index
 
     _require_text(args.text)
     checkpoint = Path(args.checkpoint) if args.checkpoint else recorded_checkpoint(Path(args.index))
     model = load_checkpoint(checkpoint).model
-    with FaissIndex.open(Path(args.index), model_id=model_identity(checkpoint)) as index:
+    with open_index(Path(args.index), model_id=model_identity(checkpoint)) as index:
         reference = args.id if args.id is not None else load_image(Path(args.image))
         results = search_index(index, model, reference, args.text, k=args.k)
     if args.json:
@@ -128,6 +136,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
 def _cmd_explain(args: argparse.Namespace) -> None:
     from cirlab.checkpoint import load_checkpoint
     from cirlab.data.css import load_image
+    from cirlab.data.tensors import square_image
     from cirlab.explain.overlay import explain_pair, heatmap_overlay
     from cirlab.files import atomic_write_bytes, png_bytes
 
@@ -135,7 +144,6 @@ def _cmd_explain(args: argparse.Namespace) -> None:
     reference, target = load_image(Path(args.image)), load_image(Path(args.target))
     model = load_checkpoint(Path(args.checkpoint)).model
     saliency = explain_pair(model, reference, args.text, target, method=args.method, side=args.side)
-    from cirlab.data.tensors import square_image
     explained = square_image(reference if args.side == "reference" else target, model.image_size)
     atomic_write_bytes(Path(args.out), png_bytes(heatmap_overlay(explained, saliency, scale=args.scale)))
     row, col = divmod(int(saliency.argmax()), saliency.shape[1])
@@ -179,20 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="demo: small, for a 5-minute CPU run; full: TIRG scale (~16K queries per split)")
     make_css.add_argument("--seed", type=int, default=0, help="same seed, byte-identical output")
     make_css.add_argument("--image-size", type=int, default=64, help="pixels; the drawing scales with it")
-    make_css.set_defaults(func=_cmd_make_css)
-    check = data_commands.add_parser("check", help="list every missing image and malformed record of a dataset")
-    check.add_argument("root", help="dataset folder")
-    check.add_argument("--format", required=True,
-                       choices=["css", "fashioniq", "cirr", "shoes", "fashion200k", "mitstates", "folder"])
-    check.set_defaults(func=_cmd_check)
-
-    train = commands.add_parser("train", help="train a model from a YAML config", epilog=EPILOG)
     make_css.add_argument("--families", type=int, help="edit families per split instead of the preset's "
                           "(a family: 35 queries, 43 images); for quick trials")
     make_css.add_argument("--with-3d", action="store_true",
                           help="also write a CLEVR-like 3D render of every scene to images_3d/ (train on them with "
                                "--set data.render=3d, or data.query_render=2d data.target_render=3d)")
-    train.add_argument("--config", help="YAML run config, e.g. configs/css/tirg.yaml")
+    make_css.set_defaults(func=_cmd_make_css)
     make_cirr = data_commands.add_parser("make-cirr", help="write a synthetic CIRR (CSS scenes in sets of six, "
                                          "rc2 files and folders) that the CIRR reader reads")
     make_cirr.add_argument("out", help="output folder (new or empty)")
@@ -213,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     make_garments.add_argument("--families", type=int, help="families per category and split instead of the "
                                "preset's (a family: 5 images, 3 triplets); for quick trials")
     make_garments.set_defaults(func=_cmd_make_garments)
+    check = data_commands.add_parser("check", help="list every missing image and malformed record of a dataset")
+    check.add_argument("root", help="dataset folder")
+    check.add_argument("--format", required=True,
+                       choices=["css", "fashioniq", "cirr", "shoes", "fashion200k", "mitstates", "folder"])
+    check.set_defaults(func=_cmd_check)
+
+    train = commands.add_parser("train", help="train a model from a YAML config", epilog=EPILOG)
+    train.add_argument("--config", help="YAML run config, e.g. configs/css/tirg.yaml")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     train.add_argument("--out", required=True, help="run folder (checkpoints best/ and last/, metrics.jsonl)")
     continuing = train.add_mutually_exclusive_group()
@@ -225,19 +233,31 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Protocol choices are settings too: --set protocol.ks=[1,10], --set protocol.split=test1 (CIRR), "
                "--set protocol.caption_join=symmetric (FashionIQ); README, 'Benchmarks', lists them all.")
     evaluate.add_argument("checkpoint", help="checkpoint folder (RUN/best)")
+    evaluate.add_argument("--explain", dest="explain_queries", nargs="?", type=int, const=1000, default=0,
+                          metavar="QUERIES", help="add explanation metrics (pointing game, energy in mask, PxAP, "
+                          "per edit type, with random and centre-prior baselines) on QUERIES sampled queries "
+                          "(default 1000); needs the edit regions of a generated CSS dataset")
+    evaluate.add_argument("--explain-method", choices=["mmgrad", "gradcam"], default="mmgrad")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     evaluate.add_argument("--out", help="output path without extension (default: RUN/eval-SPLIT)")
     evaluate.set_defaults(func=_cmd_eval)
 
-    index = commands.add_parser("index", help="build and inspect a persistent gallery index (FAISS)")
+    index = commands.add_parser("index", help="build and inspect a persistent gallery index (FAISS or Milvus)")
     index_commands = index.add_subparsers(dest="index_command", required=True, metavar="INDEX_COMMAND")
     build = index_commands.add_parser("build", help="embed a gallery folder into an index; reruns add only what "
                                                     "is missing, so an interrupted build resumes")
     build.add_argument("checkpoint", help="checkpoint folder (RUN/best)")
     build.add_argument("image_dir", help="gallery folder (.png, .jpg, .jpeg, searched recursively)")
     build.add_argument("--out", required=True, help="index folder")
-    build.add_argument("--factory", default="Flat", help="FAISS factory string: Flat (exact), IVF64,Flat, HNSW32, ...")
+    build.add_argument("--backend", choices=["faiss", "milvus"],
+                       help="where the vectors go: FAISS files in the index folder (default for a new index) or a "
+                            "Milvus collection; the index folder keeps the ids either way")
+    build.add_argument("--factory", help="FAISS factory string: Flat (exact, the default), IVF64,Flat, HNSW32, ...")
+    build.add_argument("--milvus-uri", help="Milvus server for --backend milvus, e.g. http://host:19530 (a token, if "
+                                            "needed, goes in $CIRLAB_MILVUS_TOKEN)")
+    build.add_argument("--collection", help="Milvus collection (default: cirlab_<folder>_<hash of its path>)")
     build.add_argument("--batch-size", type=int, default=64)
+    build.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
     build.set_defaults(func=_cmd_index_build)
     add = index_commands.add_parser("add", help="embed the images added to the index's gallery folder since "
                                                 "the last build")

@@ -61,6 +61,23 @@ class ModelConfig:
 
 
 @dataclass
+class MMGradConfig:
+    """MMGrad training: retrieval loss + weight x attention loss on the MMGrad map (see
+    cirlab.explain.gradcam and the project's MMGrad notes, section 3.4)."""
+
+    weight: float = 0.0               # lambda; 0 turns the attention loss off
+    loss: str = "amc_margin"          # amc_margin | energy | mse
+    scalar: str = "diff_thresh"       # diff_thresh | diff_l2 | sim | retrieval_score
+    side: str = "reference"           # whose backbone map is supervised
+    # "sidecar" (the dataset's edit_regions.jsonl), "pixel_diff" (pixel-aligned synthetic pairs
+    # only), or the path of a sidecar-format file from an external segmentation/grounding source.
+    masks: str = "sidecar"
+    # Detached: the Grad-CAM weights are constants (no double backpropagation, cheaper); the loss
+    # then reaches the model only through the feature map, so it needs a trainable backbone.
+    detached: bool = False
+
+
+@dataclass
 class TrainConfig:
     loss: str = "soft_triplet"
     # "pairs": TIRG's CSS sampler (pairs of queries sharing a source image); "shuffled": uniform
@@ -93,6 +110,7 @@ class TrainConfig:
     sync_batchnorm: bool = False
     # Train from backbone feature maps computed once (only possible with a frozen backbone).
     cache_features: bool = True
+    mmgrad: MMGradConfig = field(default_factory=MMGradConfig)
 
 
 @dataclass
@@ -150,6 +168,9 @@ def _merge(instance: Any, values: dict[str, Any], where: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{where}{key}' is a section and needs a mapping, got {value!r}")
             _merge(current, value, f"{where}{key}.")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            # A mapping field (model.options) takes keys one by one: `--set model.options.k=v` keeps the others.
+            setattr(instance, key, {**current, **value})
         else:
             setattr(instance, key, _coerce(hints[key], value, f"{where}{key}"))
 

@@ -21,14 +21,18 @@ import torch
 from tqdm import tqdm
 
 from cirlab.checkpoint import load_checkpoint
-from cirlab.config import ProtocolConfig
-from cirlab.data.benchmarks import CSS_KS, Benchmark, load_benchmark
+from cirlab.config import Config, ProtocolConfig
+from cirlab.data.benchmarks import CSS_KS, Benchmark, load_benchmark, load_splits
 from cirlab.data.cirr import cirr_average
 from cirlab.data.evalsets import EvalSet, average_variant_scores, recall_subset_at_k
 from cirlab.data.evalsets import recall_at_k as evalset_recall_at_k
 from cirlab.data.records import RetrievalSplit
+from cirlab.data.regions import EDIT_REGIONS_FILE
 from cirlab.data.tensors import ImageBatches, PixelImages
 from cirlab.devices import resolve_device
+from cirlab.encoders.regions import attach_regions
+from cirlab.explain.quality import explanation_quality, explanation_table
+from cirlab.explain.supervision import EditMasks
 from cirlab.files import atomic_write_text
 from cirlab.models.base import CIRModel
 
@@ -91,7 +95,7 @@ def embed_queries(model: CIRModel, split: RetrievalSplit, images: ImageBatches, 
 @torch.no_grad()
 def embed_split(model: CIRModel, split: RetrievalSplit, images: ImageBatches, device: torch.device,
                 progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query states for every query of `split` and target features for all of its images (eval mode)."""
+    """Query states for every query of `split` and target features for its gallery images (eval mode)."""
     was_training = model.training
     model.eval()
     size = len(images) if split.gallery_size is None else split.gallery_size
@@ -112,10 +116,10 @@ def recall_from_embeddings(model: CIRModel, queries: torch.Tensor, gallery: torc
     labels = torch.as_tensor(split.labels, device=gallery.device)
     references = torch.tensor([q.reference for q in split.queries], device=gallery.device) % size
     target_labels = labels[torch.tensor([q.target for q in split.queries], device=gallery.device)]
+    labels = labels[:size]
     totals = {f"R@{k}": 0.0 for k in protocol.ks}
     for start in range(0, len(queries), query_chunk):
         end = start + query_chunk
-    labels = labels[:size]
         chunk = recall_at_k(model.score(queries[start:end], gallery), references[start:end],
                             target_labels[start:end], labels, protocol.ks, protocol.remove_reference)
         for key, value in chunk.items():
@@ -164,7 +168,9 @@ def evaluate_evalset(model: CIRModel, evalset: EvalSet, device: torch.device, im
                      ) -> dict[str, float]:
     """Recall@K of `model` on one evaluation set (plus CIRR's Recall_subset where queries have sets)."""
     ids = list(evalset.image_paths)
-    images = PixelImages([evalset.image_paths[i] for i in ids], progress=progress, size=image_size)
+    paths = [evalset.image_paths[i] for i in ids]
+    pixels = PixelImages(paths, progress=progress, size=image_size)
+    images = attach_regions(model, pixels, pixels, paths, progress=progress)  # region models (LBF)
     column = {image: position for position, image in enumerate(ids)}
     was_training = model.training
     model.eval()
@@ -196,8 +202,23 @@ def evaluate_benchmark(model: CIRModel, benchmark: Benchmark, device: torch.devi
     return benchmark.combine(per_set)
 
 
-def evaluate_checkpoint(folder: Path, overrides: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluate a checkpoint folder under its benchmark's protocol; returns a JSON-ready result."""
+def evaluate_explanations(model: CIRModel, config: Config, split_name: str, device: torch.device, queries: int,
+                          method: str = "mmgrad", progress: bool = True) -> dict[str, Any]:
+    """Explanation quality on `queries` sampled queries of a CSS split, from its edit-region sidecar."""
+    if config.data.format != "css":
+        raise ValueError("explanation metrics need ground-truth edit regions, which only the CSS generator writes "
+                         f"next to its data (this checkpoint's benchmark is {config.data.format})")
+    train_split, test_split = load_splits(config.data)
+    split = test_split if split_name == "test" else train_split
+    masks = EditMasks(Path(config.data.root) / EDIT_REGIONS_FILE, split_name)
+    images = PixelImages(split.image_paths, progress=progress, size=config.data.image_size)
+    return explanation_quality(model, split.queries, images, masks, device, method=method, count=queries)
+
+
+def evaluate_checkpoint(folder: Path, overrides: list[str] | None = None, progress: bool = True,
+                        explain_queries: int = 0, explain_method: str = "mmgrad") -> dict[str, Any]:
+    """Evaluate a checkpoint folder under its benchmark's protocol; returns a JSON-ready result.
+    With `explain_queries`, explanation metrics on that many queries are added (CSS)."""
     checkpoint = load_checkpoint(folder, overrides)
     config = checkpoint.config
     benchmark = load_benchmark(config)
@@ -205,17 +226,23 @@ def evaluate_checkpoint(folder: Path, overrides: list[str] | None = None, progre
     model = checkpoint.model.to(device)
     metrics = evaluate_benchmark(model, benchmark, device, config.data.image_size, config.protocol.ks, progress)
     first = benchmark.evalsets[0]
-    return {"checkpoint": str(folder), "benchmark": config.data.format, "split": first.split,
-            "queries": sum(len(e.queries) for e in benchmark.evalsets),
-            "gallery": sum(len(e.gallery) for e in benchmark.evalsets),
-            "protocol": first.protocol, "protocol_text": "\n".join(e.describe() for e in benchmark.evalsets),
-            "metrics": metrics, "config": config.to_dict()}
+    result = {"checkpoint": str(folder), "benchmark": config.data.format, "split": first.split,
+              "queries": sum(len(e.queries) for e in benchmark.evalsets),
+              "gallery": sum(len(e.gallery) for e in benchmark.evalsets),
+              "protocol": first.protocol, "protocol_text": "\n".join(e.describe() for e in benchmark.evalsets),
+              "metrics": metrics, "config": config.to_dict()}
+    if explain_queries:
+        result["explanations"] = evaluate_explanations(model, config, first.split, device, explain_queries,
+                                                       explain_method, progress)
+    return result
 
 
 def write_result(result: dict[str, Any], out: Path) -> str:
     """`out`.json (everything) and `out`.md (the table and its protocol), each written atomically;
     returns the table."""
     table = markdown_table({result["config"]["model"]["name"]: result["metrics"]}, result["protocol_text"])
+    if "explanations" in result:
+        table += "\n\n" + explanation_table(result["explanations"])
     out.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", table + "\n")):
         atomic_write_text(out.with_suffix(suffix), text)

@@ -49,3 +49,56 @@ def batch_classification_loss(queries: torch.Tensor, targets: torch.Tensor) -> t
     """Cross-entropy of query i over the in-batch targets, target i being the right class (one direction)."""
     logits = queries @ targets.T
     return F.cross_entropy(logits, torch.arange(len(queries), device=queries.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention losses (MMGrad): a saliency map (B x H x W, per-item min-max normalised to [0, 1])
+# against a ground-truth edit mask (B x H x W, bool). Forms from the project's MMGrad notes 3.4.
+# ---------------------------------------------------------------------------------------------
+
+ATTENTION_LOSSES = ("amc_margin", "energy", "mse")
+
+
+def _inside_outside(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    inside, outside = masks.float(), (~masks).float()
+    mean_in = (maps * inside).sum(dim=(1, 2)) / inside.sum(dim=(1, 2)).clamp_min(1)
+    mean_out = (maps * outside).sum(dim=(1, 2)) / outside.sum(dim=(1, 2)).clamp_min(1)
+    return mean_in, mean_out
+
+
+def amc_margin_loss(maps: torch.Tensor, masks: torch.Tensor, mean_margin: float = 0.1,
+                    max_margin: float = 0.5) -> torch.Tensor:
+    """AMC's grounding loss (Yang et al., CVPR 2023): 0.2 * L1 + 0.8 * L2 with
+    L1 = mean of max(0, mean(M outside) - mean(M inside) + 0.1) and
+    L2 = mean of max(0, max(M outside) - max(M inside) + 0.5)."""
+    mean_in, mean_out = _inside_outside(maps, masks)
+    max_in = maps.masked_fill(~masks, float("-inf")).amax(dim=(1, 2))
+    max_out = maps.masked_fill(masks, float("-inf")).amax(dim=(1, 2))
+    l1 = F.relu(mean_out - mean_in + mean_margin).mean()
+    l2 = F.relu(max_out - max_in + max_margin).mean()
+    return 0.2 * l1 + 0.8 * l2
+
+
+def energy_loss(maps: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """1 - share of the map's mass inside the mask (a differentiable energy-in-mask)."""
+    inside = (maps * masks.float()).sum(dim=(1, 2))
+    return (1 - inside / (maps.sum(dim=(1, 2)) + eps)).mean()
+
+
+def attention_loss(maps: torch.Tensor, masks: torch.Tensor, form: str = "amc_margin") -> torch.Tensor:
+    """The attention loss of the items whose mask is neither empty nor full (AMC gates the same
+    way); zero, still attached to the graph, when no item qualifies."""
+    if maps.shape != masks.shape:
+        raise ValueError(f"maps {tuple(maps.shape)} and masks {tuple(masks.shape)} must have one shape")
+    if form not in ATTENTION_LOSSES:
+        raise ValueError(f"unknown attention loss {form!r} (known: {', '.join(ATTENTION_LOSSES)})")
+    area = masks.sum(dim=(1, 2))
+    usable = (area > 0) & (area < masks[0].numel())
+    if not usable.any():
+        return maps.sum() * 0.0
+    maps, masks = maps[usable], masks[usable]
+    if form == "amc_margin":
+        return amc_margin_loss(maps, masks)
+    if form == "energy":
+        return energy_loss(maps, masks)
+    return (maps - masks.float()).pow(2).mean()

@@ -1,4 +1,5 @@
-"""The training loop: plain PyTorch, one process (CPU or one GPU), checkpoints and exact resume.
+"""The training loop: plain PyTorch, one process (CPU or one GPU) or several under torchrun (DDP, see
+cirlab.distributed), checkpoints and exact resume.
 
 Recipe defaults follow the TIRG code (SGD, momentum 0.9, lr 0.01, batch 32, soft triplet on CSS).
 Checkpoints are selected on a validation split carved from the training data, never on test.
@@ -9,23 +10,31 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
+from cirlab.acceleration import autocast_dtype, grad_scaler, prepare_model, to_channels_last
 from cirlab.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from cirlab.config import Config
-from cirlab.data.benchmarks import load_benchmark
-from cirlab.data.records import RetrievalSplit, carve_validation
+from cirlab.data.benchmarks import css_renders, load_benchmark
+from cirlab.data.records import Query, RetrievalSplit, carve_validation
 from cirlab.data.tensors import CachedMaps, ImageBatches, PixelImages
 from cirlab.devices import resolve_device
+from cirlab.distributed import DistContext
 from cirlab.encoders.image import create_backbone
+from cirlab.encoders.regions import REGION_CACHE, attach_regions
 from cirlab.encoders.text import Vocabulary
 from cirlab.evaluate import css_protocol, evaluate_split
+from cirlab.explain.supervision import EditMasks, edit_masks, pixel_difference_masks
+from cirlab.explain.training import check_mmgrad_config, mmgrad_attention_loss
 from cirlab.losses import batch_classification_loss, sample_soft_triplets, soft_triplet_loss
 from cirlab.models.base import CIRModel
 from cirlab.models.registry import create_model
@@ -114,6 +123,41 @@ def compute_loss(name: str, queries: torch.Tensor, targets: torch.Tensor,
     raise ValueError(f"unknown loss '{name}' (known: soft_triplet, batch_classification)")
 
 
+class TrainingForward(nn.Module):
+    """A step's forward as one module, since DDP synchronises the gradients of work done inside the forward
+    it wraps: query and target features (under autocast when `amp_dtype` is set), then the model's learnable
+    scaled normalisation in float32, as the losses expect."""
+
+    def __init__(self, model: CIRModel, amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.amp_dtype = amp_dtype
+        self.channels_last = channels_last
+
+    def forward(self, references: torch.Tensor, texts: list[str],
+                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.channels_last:
+            references, targets = to_channels_last(references), to_channels_last(targets)
+        with torch.autocast(references.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            queries = self.model.encode_queries(references, texts)
+            candidates = self.model.encode_targets(targets)
+        return self.model.normalization(queries.float()), self.model.normalization(candidates.float())
+
+
+def train_step(forward: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               references: torch.Tensor, texts: list[str], targets: torch.Tensor,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ctx: DistContext) -> torch.Tensor:
+    """One optimizer step on this rank's slice of the batch. The loss is that of the whole global batch
+    (features gathered from every rank, see cirlab.distributed), so its value is the same on every rank."""
+    queries, candidates = forward(references, texts, targets)
+    loss = loss_fn(ctx.gather_with_grad(queries), ctx.gather_with_grad(candidates))
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
 def build_optimizer(model: CIRModel, config: Config) -> torch.optim.SGD:
     """SGD over trainable parameters; a trainable backbone gets `backbone_lr_mult` x lr.
 
@@ -164,13 +208,19 @@ class MetricsLog:
             handle.write(json.dumps(record) + "\n")
 
 
+def _pixels_key(config: Config) -> str:
+    """What decides a split's decoded images: runs that agree on it share them through `image_cache`."""
+    data = config.data
+    return f"pixels:{data.format}:{data.root}:{data.image_size}:{css_renders(data)}"
+
+
 def _training_images(config: Config, model: CIRModel, pixels: PixelImages, image_cache: dict[str, ImageBatches],
                      device: torch.device, progress: bool) -> ImageBatches:
     """Pixels, or with a frozen backbone its maps computed once (shared through `image_cache`)."""
     if not (config.model.freeze_backbone and config.train.cache_features):
         return pixels
     backbone = (config.model.image_backbone, config.model.image_weights, config.model.backbone_upto)
-    key = f"maps:{config.data.format}:{config.data.root}:{config.data.image_size}:{backbone}"
+    key = f"maps:{_pixels_key(config)}:{backbone}"
     if key not in image_cache:
         image_cache[key] = CachedMaps(model.image_encoder, pixels, device, progress=progress)
     return image_cache[key]
@@ -185,8 +235,12 @@ def _rng_tensors(triplet_rng: torch.Generator, device: torch.device) -> dict[str
 
 
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True,
-          image_cache: dict[str, ImageBatches] | None = None, overwrite: bool = False) -> TrainResult:
+          image_cache: dict[str, ImageBatches] | None = None, overwrite: bool = False,
+          ctx: DistContext | None = None) -> TrainResult:
     """Train `config` into `run_dir` (best/ and last/ checkpoints, metrics.jsonl).
+
+    Under torchrun, `ctx` (from `cirlab.distributed.process_group`) makes every rank train its slice of a
+    global batch of world size x batch_size; rank 0 alone logs, evaluates and writes checkpoints.
 
     With `resume`, training continues from `run_dir/last` exactly where it stopped. A folder that
     already holds a run is refused unless `resume` or `overwrite` says what to do with it. `image_cache`
@@ -196,18 +250,23 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     if not resume and not overwrite and (run_dir / METRICS).exists():
         raise FileExistsError(f"{run_dir} already holds a training run: pass --resume to continue it, "
                               "--overwrite to replace it, or choose another --out")
-    device = resolve_device(config.train.device)
+    ctx = ctx or DistContext(device=resolve_device(config.train.device))
+    device, progress = ctx.device, progress and ctx.is_main
     torch.manual_seed(config.train.seed)
     train_split = load_benchmark(config).train
     train_part, val_part = carve_validation(train_split, config.data.val_fraction, config.train.seed)
     image_cache = image_cache if image_cache is not None else {}
-    pixels_key = f"pixels:{config.data.format}:{config.data.root}:{config.data.image_size}"
+    pixels_key = _pixels_key(config)
     if pixels_key not in image_cache:
         image_cache[pixels_key] = PixelImages(train_split.image_paths, progress=progress, size=config.data.image_size)
     pixels = image_cache[pixels_key]
 
     if resume:
         checkpoint = load_checkpoint(run_dir / LAST)
+        trained_by = checkpoint.trainer_state.get("world_size", 1)
+        if trained_by != ctx.world_size:  # the global batch, and so the sampler's draws, depend on it
+            raise ValueError(f"{run_dir} was trained by {trained_by} process(es); resume it with as many, "
+                             f"not {ctx.world_size}")
         model, vocab, config = checkpoint.model, checkpoint.vocab, _with_schedule(checkpoint.config, config)
     else:
         if config.model.pooling == "flatten" and not config.model.map_size:
@@ -215,63 +274,114 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         vocab = Vocabulary.build(q.text for q in train_split.queries)
         model = create_model(config.model, vocab)
     model.to(device)
+    prepare_model(model, config.train, device)
 
     images = _training_images(config, model, pixels, image_cache, device, progress)
+    # Region models (LBF) get each image's boxes attached, computed or read once per split.
+    images = attach_regions(model, images, pixels, train_split.image_paths, Path(config.data.root) / REGION_CACHE,
+                            progress)
 
+    amp_dtype = autocast_dtype(config.train, device)
+    forward = ctx.wrap(TrainingForward(model, amp_dtype, config.train.channels_last), config.train.sync_batchnorm)
+    scaler = grad_scaler(amp_dtype, device)
+    if ctx.rank:  # dropout masks must differ between ranks, as they differ between one process's samples
+        torch.manual_seed(config.train.seed + ctx.rank)
     optimizer = build_optimizer(model, config)
-    sampler = make_sampler(config.train.sampler, train_part, config.train.batch_size, config.train.seed)
+    sampler = make_sampler(config.train.sampler, train_part, config.train.batch_size * ctx.world_size,
+                           config.train.seed)
     triplet_rng = torch.Generator().manual_seed(config.train.seed)
     start_step, best = 0, {"R@1": -1.0}
     if resume:
         optimizer_from_tensors(optimizer, checkpoint.trainer_tensors, checkpoint.trainer_state["optimizer"])
         sampler.restore(checkpoint.trainer_state["sampler"])
         triplet_rng.set_state(checkpoint.trainer_tensors["rng.triplets"])
-        torch.set_rng_state(checkpoint.trainer_tensors["rng.torch"])
-        if device.type == "cuda" and "rng.cuda" in checkpoint.trainer_tensors:
-            torch.cuda.set_rng_state(checkpoint.trainer_tensors["rng.cuda"], device)
+        torch.set_rng_state(checkpoint.trainer_tensors[ctx.key("rng.torch")])
+        if device.type == "cuda" and ctx.key("rng.cuda") in checkpoint.trainer_tensors:
+            torch.cuda.set_rng_state(checkpoint.trainer_tensors[ctx.key("rng.cuda")], device)
+        scaler.load_state_dict(checkpoint.trainer_state.get("grad_scaler", {}))
         start_step, best = checkpoint.trainer_state["step"], checkpoint.trainer_state["best_val"]
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(run_dir / METRICS, fresh=not resume)
-    if not resume:
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(run_dir / METRICS, fresh=not resume)
+    if ctx.is_main and not resume:
         log.write({"config": config.to_dict(), "train_queries": len(train_part.queries),
                    "val_queries": len(val_part.queries)})
     protocol = css_protocol(config.protocol)
-    use_amp = config.train.amp and device.type == "cuda"
+    loss_fn = partial(compute_loss, config.train.loss, generator=triplet_rng)
+    attention = _attention_setup(config, ctx)
     model.train()
     bar = tqdm(range(start_step, config.train.iterations), desc=f"training {config.model.name}", unit="step",
                disable=not progress, initial=start_step, total=config.train.iterations)
     started = time.perf_counter()
     for step in bar:
         _set_learning_rate(optimizer, config, step)
-        batch = [train_part.queries[i] for i in sampler.next_batch()]
+        batch = [train_part.queries[i] for i in ctx.shard(sampler.next_batch())]
         references = images.batch([q.reference for q in batch], device)
         targets = images.batch([q.target for q in batch], device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            query_features = model.encode_queries(references, [q.text for q in batch])
-            target_features = model.encode_targets(targets)
-        loss = compute_loss(config.train.loss, model.normalization(query_features.float()),
-                            model.normalization(target_features.float()), triplet_rng)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        texts = [q.text for q in batch]
+        step_loss = loss_fn if attention is None else attention.adding_to(loss_fn, model, batch, references, texts,
+                                                                          targets, pixels, device)
+        loss = train_step(forward, optimizer, scaler, references, texts, targets, step_loss, ctx)
         done = step + 1
-        if done % config.train.log_every == 0 or done == config.train.iterations:
+        if ctx.is_main and (done % config.train.log_every == 0 or done == config.train.iterations):
             bar.set_postfix(loss=f"{loss.item():.3f}")
             log.write({"step": done, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                       "seconds": round(time.perf_counter() - started, 2)})
-        if done % config.train.eval_every == 0 or done == config.train.iterations:
+                       "seconds": round(time.perf_counter() - started, 2),
+                       **({"attention_loss": attention.last} if attention is not None else {})})
+        checkpointing = done % config.train.eval_every == 0 or done == config.train.iterations
+        # Gathering every rank's RNG states (for an exact resume) is a collective: all ranks take part.
+        rng_states = ctx.gather_states(_rng_tensors(triplet_rng, device)) if checkpointing else {}
+        if ctx.is_main and checkpointing:
             val = evaluate_split(model, val_part, images, protocol, device, progress=False)
             log.write({"step": done, "val": val})
             if val["R@1"] > best["R@1"]:
                 best = val
                 save_checkpoint(run_dir / BEST, model, config, vocab)
             trainer_tensors, optimizer_meta = optimizer_to_tensors(optimizer)
-            trainer_tensors.update(_rng_tensors(triplet_rng, device))
+            trainer_tensors.update(rng_states)
             save_checkpoint(run_dir / LAST, model, config, vocab, trainer_tensors,
                             {"step": done, "best_val": best, "optimizer": optimizer_meta,
-                             "sampler": sampler.state()})
+                             "sampler": sampler.state(), "world_size": ctx.world_size,
+                             "grad_scaler": scaler.state_dict()})
     return TrainResult(run_dir, best)
+
+
+class AttentionTerm:
+    """MMGrad training: adds weight x L_att(MMGrad map, edit mask) of the step's batch to the
+    retrieval loss (see cirlab.explain.training); `last` keeps the latest L_att for the log."""
+
+    def __init__(self, config: Config, masks: EditMasks | None) -> None:
+        self.config = config.train.mmgrad
+        self.masks = masks
+        self.last = 0.0
+
+    def _batch_masks(self, batch: list[Query], pixels: PixelImages, device: torch.device) -> torch.Tensor:
+        if self.masks is not None:
+            return self.masks.batch(batch, device)
+        return pixel_difference_masks(pixels.batch([q.reference for q in batch], device),
+                                      pixels.batch([q.target for q in batch], device))
+
+    def adding_to(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: CIRModel,
+                  batch: list[Query], references: torch.Tensor, texts: list[str], targets: torch.Tensor,
+                  pixels: PixelImages, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        masks = self._batch_masks(batch, pixels, device)
+
+        def with_attention(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+            term = mmgrad_attention_loss(model, references, texts, targets, masks, self.config)
+            self.last = term.item()
+            return loss_fn(queries, candidates) + self.config.weight * term
+        return with_attention
+
+
+def _attention_setup(config: Config, ctx: DistContext) -> AttentionTerm | None:
+    settings = config.train.mmgrad
+    if not settings.weight:
+        return None
+    check_mmgrad_config(settings, config.model.freeze_backbone)
+    if ctx.world_size > 1:  # DDP does not support torch.autograd.grad inside its step
+        raise ValueError("MMGrad training (train.mmgrad.weight > 0) runs in one process, not under torchrun")
+    return AttentionTerm(config, edit_masks(settings.masks, Path(config.data.root), "train", settings.side))
 
 
 def _with_schedule(saved: Config, requested: Config) -> Config:

@@ -22,6 +22,14 @@ from cirlab.models.base import CIRModel
 SIDES: tuple[str, ...] = ("reference", "target")
 # Names follow the notes' `mmgrad.scalar` switch.
 MMGRAD_SCALARS: tuple[str, ...] = ("diff_thresh", "diff_l2", "sim", "retrieval_score")
+# What users pick: MMGrad with its default scalar, or Grad-CAM of the retrieval score itself.
+METHOD_SCALARS: dict[str, str] = {"mmgrad": "diff_thresh", "gradcam": "retrieval_score"}
+
+
+def method_scalar(method: str) -> str:
+    if method not in METHOD_SCALARS:
+        raise ValueError(f"unknown explanation method {method!r} (known: {', '.join(METHOD_SCALARS)})")
+    return METHOD_SCALARS[method]
 
 
 def gradcam(score_fn: Callable[[Tensor], Tensor], feature_map: Tensor, create_graph: bool = False) -> Tensor:

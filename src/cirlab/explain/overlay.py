@@ -7,10 +7,8 @@ from matplotlib import colormaps
 from PIL import Image
 
 from cirlab.data.tensors import image_tensor, square_image
-from cirlab.explain.gradcam import mmgrad, upsample_map
+from cirlab.explain.gradcam import method_scalar, mmgrad, upsample_map
 from cirlab.models.base import CIRModel
-
-METHODS = ("mmgrad", "gradcam")
 
 
 def explain_pair(model: CIRModel, reference: Image.Image, text: str, target: Image.Image,
@@ -20,9 +18,7 @@ def explain_pair(model: CIRModel, reference: Image.Image, text: str, target: Ima
     `gradcam` explains the retrieval score itself; `mmgrad` the default text-conditioned scalar.
     For a model trained on resized, centre-cropped images the map covers that crop (`square_image`).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown explanation method {method!r} (known: {', '.join(METHODS)})")
-    scalar = "diff_thresh" if method == "mmgrad" else "retrieval_score"
+    scalar = method_scalar(method)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

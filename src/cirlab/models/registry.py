@@ -46,4 +46,4 @@ def create_model(config: ModelConfig, vocab: Vocabulary | None) -> CIRModel:
 
 def _import_builtin_models() -> None:
     # Importing the method modules runs their @register_model decorators.
-    from cirlab.models import baselines, tirg  # noqa: F401
+    from cirlab.models import baselines, lbf, tirg  # noqa: F401

@@ -1,0 +1,39 @@
+"""The attention term of MMGrad training: L = L_ret + weight * L_att(MMGrad map, edit mask).
+
+The map is differentiated with `create_graph=True` (double backpropagation), so the loss reaches
+the layers above the explained feature map through the Grad-CAM weights, as AMC trains its
+Grad-CAM maps; the detached variant treats those weights as constants and reaches the model only
+through the feature map itself. The batch is explained in train mode: BatchNorm then couples its
+items, which training tolerates (evaluation maps are taken in eval mode).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cirlab.config import MMGradConfig
+from cirlab.explain.gradcam import MMGRAD_SCALARS, SIDES, mmgrad, upsample_map
+from cirlab.losses import ATTENTION_LOSSES, attention_loss
+from cirlab.models.base import CIRModel
+
+
+def check_mmgrad_config(config: MMGradConfig, frozen_backbone: bool) -> None:
+    """Refuse settings that cannot train, before any work is done."""
+    for name, value, known in (("loss", config.loss, ATTENTION_LOSSES), ("scalar", config.scalar, MMGRAD_SCALARS),
+                               ("side", config.side, SIDES)):
+        if value not in known:
+            raise ValueError(f"unknown train.mmgrad.{name} {value!r} (known: {', '.join(known)})")
+    if config.weight < 0:
+        raise ValueError(f"train.mmgrad.weight must be >= 0, got {config.weight}")
+    if config.detached and frozen_backbone:
+        raise ValueError("train.mmgrad.detached needs a trainable backbone: with a frozen one the detached "
+                         "attention loss has no path to any trained weight (use the default double backprop)")
+
+
+def mmgrad_attention_loss(model: CIRModel, references: torch.Tensor, texts: list[str], targets: torch.Tensor,
+                          masks: torch.Tensor, config: MMGradConfig) -> torch.Tensor:
+    """L_att of one batch: the MMGrad maps of `config.side`, upsampled to the masks' size (B x H x W,
+    bool) and min-max normalised, against the masks."""
+    cams = mmgrad(model, references, texts, targets, scalar=config.scalar, side=config.side,
+                  create_graph=not config.detached)
+    return attention_loss(upsample_map(cams, tuple(masks.shape[-2:])), masks, config.loss)
