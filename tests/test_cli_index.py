@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from PIL import Image
 
 from cirlab.cli import main
 from cirlab.config import load_config
@@ -36,6 +37,13 @@ def test_build_info_search_and_refuse_another_model(tiny_css, checkpoints, tmp_p
     results = json.loads(capsys.readouterr().out)
     assert len(results) == 5 and reference not in [r["id"] for r in results]
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    assert all(r["path"] == str((tiny_css / "images" / r["id"]).resolve()) for r in results)
+
+    heatmap = tmp_path / "why.png"
+    assert main(["search", str(index), "--id", reference, "--text", "remove object", "--explain", str(heatmap)]) == 0
+    assert f"wrote {heatmap}" in capsys.readouterr().out
+    with Image.open(heatmap) as overlay:
+        assert overlay.format == "PNG" and overlay.size == (256, 256)  # 64 px reference, enlarged 4 times
     # without --checkpoint, the one recorded in the index at build time is used
     assert main(["search", str(index), "--id", reference, "--text", "remove object", "-k", "5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == results

@@ -6,8 +6,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cirlab.config import ConfigError
+
+if TYPE_CHECKING:  # imported lazily at run time: `cirlab --help` must not load torch
+    from PIL import Image
+
+    from cirlab.models.base import CIRModel
 
 EPILOG = "Settings: --set section.key=value (repeatable), e.g. --set train.iterations=2000 --set model.name=concat"
 
@@ -60,7 +66,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     with process_group(config.train.device) as ctx:  # several processes under torchrun, else one
         result = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite, ctx=ctx)
     if ctx.is_main:
-        print(f"best validation {json.dumps(result.best_val)}; checkpoint: {result.run_dir / 'best'}")
+        best = {metric: round(value, 2) for metric, value in result.best_val.items()}
+        print(f"best validation {json.dumps(best)}; checkpoint: {result.run_dir / 'best'}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -126,28 +133,44 @@ def _cmd_search(args: argparse.Namespace) -> None:
     with open_index(Path(args.index), model_id=model_identity(checkpoint)) as index:
         reference = args.id if args.id is not None else load_image(Path(args.image))
         results = search_index(index, model, reference, args.text, k=args.k)
+        gallery = index.gallery_root
     if args.json:
-        print(json.dumps([{"id": name, "score": score} for name, score in results], indent=2))
+        print(json.dumps([{"id": name, "path": str(gallery / name) if gallery else None, "score": score}
+                          for name, score in results], indent=2))
     else:
         for rank, (name, score) in enumerate(results, 1):
             print(f"{rank:3d}  {score:.4f}  {name}")
+    if args.explain and results:
+        if gallery is None:
+            raise ValueError(f"{args.index}: the index records no gallery folder, so --explain cannot read the result")
+        if isinstance(reference, str):
+            reference = load_image(gallery / reference)
+        _write_explanation(model, reference, args.text, load_image(gallery / results[0][0]), Path(args.explain))
+
+
+def _write_explanation(model: CIRModel, reference: Image.Image, text: str, target: Image.Image, out: Path,
+                       method: str = "mmgrad",
+                       side: str = "reference", scale: int = 4) -> None:
+    """The heat-map overlay of `method` on the `side` image, written atomically to `out` (PNG)."""
+    from cirlab.data.tensors import square_image
+    from cirlab.explain.overlay import explain_pair, heatmap_overlay
+    from cirlab.files import atomic_write_bytes, png_bytes
+
+    saliency = explain_pair(model, reference, text, target, method=method, side=side)
+    explained = square_image(reference if side == "reference" else target, model.image_size)
+    atomic_write_bytes(out, png_bytes(heatmap_overlay(explained, saliency, scale=scale)))
+    row, col = divmod(int(saliency.argmax()), saliency.shape[1])
+    print(f"wrote {out} ({method} on the {side} image; hottest pixel at row {row}, column {col})")
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:
     from cirlab.checkpoint import load_checkpoint
     from cirlab.data.css import load_image
-    from cirlab.data.tensors import square_image
-    from cirlab.explain.overlay import explain_pair, heatmap_overlay
-    from cirlab.files import atomic_write_bytes, png_bytes
 
     _require_text(args.text)
     reference, target = load_image(Path(args.image)), load_image(Path(args.target))
     model = load_checkpoint(Path(args.checkpoint)).model
-    saliency = explain_pair(model, reference, args.text, target, method=args.method, side=args.side)
-    explained = square_image(reference if args.side == "reference" else target, model.image_size)
-    atomic_write_bytes(Path(args.out), png_bytes(heatmap_overlay(explained, saliency, scale=args.scale)))
-    row, col = divmod(int(saliency.argmax()), saliency.shape[1])
-    print(f"wrote {args.out} ({args.method} on the {args.side} image; hottest pixel at row {row}, column {col})")
+    _write_explanation(model, reference, args.text, target, Path(args.out), args.method, args.side, args.scale)
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
@@ -281,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument("--id", help="reference given as a gallery image id (its path in the gallery)")
     search.add_argument("--text", required=True, help='the modification, e.g. "make top-left object red"')
     search.add_argument("-k", type=int, default=10, help="number of results")
-    search.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    search.add_argument("--json", action="store_true", help="print JSON (ids, paths, scores) instead of a table")
+    search.add_argument("--explain", metavar="OUT.png", help="also write an MMGrad heat-map over the reference: "
+                                                             "where the model looked for the top result")
     search.set_defaults(func=_cmd_search)
 
     explain = commands.add_parser("explain", help="heat-map of where the model looked, as a PNG overlay")
