@@ -86,6 +86,8 @@ class TrainConfig:
     # Per process: N processes under torchrun train on a global batch of N x batch_size.
     batch_size: int = 32
     iterations: int = 160_000
+    # "sgd" (TIRG's recipe; uses momentum) or "adamw" (CMAP, OFFSET and CLIP4Cir recipes).
+    optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-6

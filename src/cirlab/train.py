@@ -125,8 +125,8 @@ def compute_loss(name: str, queries: torch.Tensor, targets: torch.Tensor,
 
 class TrainingForward(nn.Module):
     """A step's forward as one module, since DDP synchronises the gradients of work done inside the forward
-    it wraps: query and target features (under autocast when `amp_dtype` is set), then the model's learnable
-    scaled normalisation in float32, as the losses expect."""
+    it wraps: query and target features (under autocast when `amp_dtype` is set), then what the model's loss
+    sees of them in float32 (`CIRModel.loss_features`: by default its learnable scaled normalisation)."""
 
     def __init__(self, model: CIRModel, amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
         super().__init__()
@@ -141,7 +141,7 @@ class TrainingForward(nn.Module):
         with torch.autocast(references.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             queries = self.model.encode_queries(references, texts)
             candidates = self.model.encode_targets(targets)
-        return self.model.normalization(queries.float()), self.model.normalization(candidates.float())
+        return self.model.loss_features(queries.float(), candidates.float())
 
 
 def train_step(forward: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -158,11 +158,16 @@ def train_step(forward: nn.Module, optimizer: torch.optim.Optimizer, scaler: tor
     return loss
 
 
-def build_optimizer(model: CIRModel, config: Config) -> torch.optim.SGD:
-    """SGD over trainable parameters; a trainable backbone gets `backbone_lr_mult` x lr.
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 
-    Weight decay applies to every parameter (BN, the scale and TIRG's `a` included), as in the code.
+
+def build_optimizer(model: CIRModel, config: Config) -> torch.optim.Optimizer:
+    """`train.optimizer` over trainable parameters; a trainable backbone gets `backbone_lr_mult` x lr.
+
+    Weight decay applies to every parameter (BN, the scale and TIRG's `a` included), as in the TIRG code.
     """
+    if config.train.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{config.train.optimizer}' (known: {', '.join(OPTIMIZERS)})")
     backbone = {id(p) for p in model.image_encoder.backbone.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if id(p) not in backbone], "lr": config.train.lr}]
@@ -171,6 +176,8 @@ def build_optimizer(model: CIRModel, config: Config) -> torch.optim.SGD:
         groups.append({"params": backbone_params, "lr": config.train.lr * config.train.backbone_lr_mult})
     for group in groups:
         group["initial_lr"] = group["lr"]
+    if config.train.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.train.lr, weight_decay=config.train.weight_decay)
     return torch.optim.SGD(groups, lr=config.train.lr, momentum=config.train.momentum,
                            weight_decay=config.train.weight_decay)
 
@@ -308,7 +315,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         log.write({"config": config.to_dict(), "train_queries": len(train_part.queries),
                    "val_queries": len(val_part.queries)})
     protocol = css_protocol(config.protocol)
-    loss_fn = partial(compute_loss, config.train.loss, generator=triplet_rng)
+    loss_fn = partial(model.training_loss, retrieval_loss=partial(compute_loss, config.train.loss,
+                                                                  generator=triplet_rng))
     attention = _attention_setup(config, ctx)
     model.train()
     bar = tqdm(range(start_step, config.train.iterations), desc=f"training {config.model.name}", unit="step",

@@ -11,6 +11,7 @@ feature maps; the image encoder tells them apart (see `ImageEncoder.feature_map`
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,23 @@ class CIRModel(nn.Module, metaclass=ABCMeta):
     def score(self, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of every query with every target (B x N)."""
         return F.normalize(queries, dim=-1) @ F.normalize(targets, dim=-1).T
+
+    def loss_features(self, queries: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the training loss sees of a step's query states and target features (float32).
+
+        Default: both scaled-normalised, as the vector losses (soft triplet, batch classification) expect.
+        Methods whose query state is not one vector return their states unchanged and score them in
+        `training_loss`.
+        """
+        return self.normalization(queries), self.normalization(candidates)
+
+    def training_loss(self, queries: torch.Tensor, candidates: torch.Tensor,
+                      retrieval_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The step's loss over the (gathered) batch; `retrieval_loss` is the configured `train.loss`.
+
+        Methods with their own objective (extra terms, per-pair scores) override this.
+        """
+        return retrieval_loss(queries, candidates)
 
 
 class VectorCompositionModel(CIRModel):
