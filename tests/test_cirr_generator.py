@@ -272,3 +272,37 @@ def test_cli_make_then_check(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert f"{out}: 0 problem(s) found (cirr format)" in capsys.readouterr().out
     assert main(["data", "make-cirr", str(out)]) == 2
     assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_cli_writes_the_test_server_files_of_a_trained_checkpoint(demo: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`cirlab eval --submission` ranks test1 by the checkpoint's own scores: its top 3 within each set equal a
+    brute-force ranking of the model's scores, the reference left out."""
+    import torch
+
+    from cirlab.checkpoint import load_checkpoint
+    from cirlab.data.tensors import PixelImages
+
+    run = tmp_path / "run"
+    assert main(["train", "--set", "data.format=cirr", "--set", f"data.root={demo}", "--set", "train.sampler=shuffled",
+                 "--set", "model.image_backbone=resnet18", "--set", "model.image_weights=null",
+                 "--set", "model.backbone_upto=layer1", "--set", "train.iterations=1", "--set", "train.batch_size=4",
+                 "--out", str(run)]) == 0
+    assert main(["eval", str(run / "best"), "--submission", str(tmp_path / "server")]) == 0
+    assert "recall_subset_submission_run.json" in capsys.readouterr().out
+    subset = json.loads((tmp_path / "server" / "recall_subset_submission_run.json").read_text())
+    recall = json.loads((tmp_path / "server" / "recall_submission_run.json").read_text())
+    assert (subset["version"], subset["metric"], recall["metric"]) == ("rc2", "recall_subset", "recall")
+
+    _, test1 = cirr.load_cirr(demo, "test1")
+    model = load_checkpoint(run / "best").model.eval()
+    query = test1.queries[7]
+    names = [query.reference, *query.subset]
+    with torch.no_grad():
+        pixels = PixelImages([test1.image_paths[n] for n in names], progress=False)
+        state = model.encode_queries(pixels.batch([0]), [query.text])
+        scores = model.score(state, model.encode_targets(pixels.batch(range(1, len(names)))))[0]
+    expected = [query.subset[i] for i in torch.argsort(scores, descending=True, stable=True)[:3].tolist()]
+    assert subset[query.query_id] == expected
+    assert len(recall[query.query_id]) == 50 and query.reference not in recall[query.query_id]
+    assert set(subset) - {"version", "metric"} == {q.query_id for q in test1.queries}

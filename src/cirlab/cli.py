@@ -71,8 +71,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from cirlab.evaluate import evaluate_checkpoint, write_result
+    from cirlab.evaluate import evaluate_checkpoint, write_result, write_submission
 
+    if args.submission:
+        for path in write_submission(Path(args.checkpoint), Path(args.submission), args.set):
+            print(f"wrote {path}")
+        return
     result = evaluate_checkpoint(Path(args.checkpoint), args.set, explain_queries=args.explain_queries,
                                  explain_method=args.explain_method)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{result['split']}"
@@ -263,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--explain-method", choices=["mmgrad", "gradcam"], default="mmgrad")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     evaluate.add_argument("--out", help="output path without extension (default: RUN/eval-SPLIT)")
+    evaluate.add_argument("--submission", metavar="DIR", help="CIRR: write the two test-server files "
+                          "(recall_submission_RUN.json, recall_subset_submission_RUN.json) of protocol.split "
+                          "(default test1) to DIR instead of scoring")
     evaluate.set_defaults(func=_cmd_eval)
 
     index = commands.add_parser("index", help="build and inspect a persistent gallery index (FAISS or Milvus)")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from cirlab.checkpoint import load_checkpoint
 from cirlab.config import Config, ProtocolConfig
 from cirlab.data.benchmarks import CSS_KS, Benchmark, load_benchmark, load_splits
-from cirlab.data.cirr import cirr_average
+from cirlab.data.cirr import cirr_average, write_cirr_submissions
 from cirlab.data.evalsets import EvalSet, average_variant_scores, recall_subset_at_k
 from cirlab.data.evalsets import recall_at_k as evalset_recall_at_k
 from cirlab.data.records import RetrievalSplit
@@ -163,10 +163,9 @@ def score_evalset(model: CIRModel, evalset: EvalSet, images: ImageBatches, colum
     return chunks
 
 
-def evaluate_evalset(model: CIRModel, evalset: EvalSet, device: torch.device, image_size: int | None = None,
-                     ks: Sequence[int] | None = None, progress: bool = True, query_chunk: int = 1024
-                     ) -> dict[str, float]:
-    """Recall@K of `model` on one evaluation set (plus CIRR's Recall_subset where queries have sets)."""
+def _scored_chunks(model: CIRModel, evalset: EvalSet, device: torch.device, image_size: int | None,
+                   progress: bool, query_chunk: int) -> list[tuple[EvalSet, torch.Tensor]]:
+    """The exact scores of `evalset` in query chunks, from its images decoded once, the model in eval mode."""
     ids = list(evalset.image_paths)
     paths = [evalset.image_paths[i] for i in ids]
     pixels = PixelImages(paths, progress=progress, size=image_size)
@@ -176,9 +175,16 @@ def evaluate_evalset(model: CIRModel, evalset: EvalSet, device: torch.device, im
     model.eval()
     chunks = score_evalset(model, evalset, images, column, device, query_chunk, progress)
     model.train(was_training)
+    return chunks
+
+
+def evaluate_evalset(model: CIRModel, evalset: EvalSet, device: torch.device, image_size: int | None = None,
+                     ks: Sequence[int] | None = None, progress: bool = True, query_chunk: int = 1024
+                     ) -> dict[str, float]:
+    """Recall@K of `model` on one evaluation set (plus CIRR's Recall_subset where queries have sets)."""
     with_subsets = all(q.subset is not None for q in evalset.queries)
     totals: dict[str, float] = {}
-    for part, scores in chunks:
+    for part, scores in _scored_chunks(model, evalset, device, image_size, progress, query_chunk):
         metrics = evalset_recall_at_k(scores, part, ks)
         if with_subsets:
             metrics.update(recall_subset_at_k(scores, part))
@@ -188,6 +194,28 @@ def evaluate_evalset(model: CIRModel, evalset: EvalSet, device: torch.device, im
     if with_subsets and {"R@5", "Rsubset@1"} <= set(result):
         result["avg"] = cirr_average(result)
     return result
+
+
+def write_submission(folder: Path, out_dir: Path, overrides: list[str] | None = None,
+                     progress: bool = True) -> tuple[Path, Path]:
+    """The two CIRR test-server files for a checkpoint (split `protocol.split`, test1 by default)."""
+    checkpoint = load_checkpoint(folder, [*(overrides or []), *_default_split(overrides, "test1")])
+    config = checkpoint.config
+    if config.data.format != "cirr":
+        raise ValueError(f"test-server submissions are written for CIRR only; this checkpoint's benchmark is "
+                         f"{config.data.format}")
+    (evalset,) = load_benchmark(config).evalsets
+    device = resolve_device(config.train.device)
+    model = checkpoint.model.to(device)
+    chunks = _scored_chunks(model, evalset, device, config.data.image_size, progress, query_chunk=1024)
+    scores = torch.cat([scores for _, scores in chunks])
+    return write_cirr_submissions(scores, evalset, out_dir, name=Path(folder).resolve().parent.name or "cirlab")
+
+
+def _default_split(overrides: list[str] | None, split: str) -> list[str]:
+    """`protocol.split=<split>` unless the overrides already choose a split."""
+    chosen = any(o.split("=", 1)[0].strip() == "protocol.split" for o in overrides or [])
+    return [] if chosen else [f"protocol.split={split}"]
 
 
 def evaluate_benchmark(model: CIRModel, benchmark: Benchmark, device: torch.device, image_size: int | None = None,

@@ -112,7 +112,8 @@ def _checked_scores(scores: np.ndarray | torch.Tensor, evalset: EvalSet) -> np.n
     unlabelled = sum(1 for q in evalset.queries if not q.targets)
     if unlabelled:
         raise ValueError(f"{evalset.benchmark} {evalset.split}: {unlabelled} of {len(evalset.queries)} queries have "
-                         "no targets (labels withheld); this split can only be scored by its test server")
+                         "no targets (labels withheld); this split can only be scored by its test server (for CIRR, "
+                         "`cirlab eval CHECKPOINT --submission DIR` writes the server's files)")
     return array
 
 
