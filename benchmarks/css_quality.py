@@ -130,9 +130,11 @@ def main() -> None:
                 test_images["pixels"] = PixelImages(test_split.image_paths)
             images = test_images["pixels"]
             if config.model.freeze_backbone and config.train.cache_features:
-                if "maps" not in test_images:
-                    test_images["maps"] = CachedMaps(net.image_encoder, test_images["pixels"], device)
-                images = test_images["maps"]
+                # Keyed by the maps' channels: a multi-level backbone's maps (CMAP) are not another model's.
+                key = f"maps:{net.image_encoder.backbone.out_channels}"
+                if key not in test_images:
+                    test_images[key] = CachedMaps(net.image_encoder, test_images["pixels"], device)
+                images = test_images[key]
             images = attach_regions(net, images, test_images["pixels"], test_split.image_paths, data / REGION_CACHE)
             metrics = evaluate_split(net, test_split, images, css_protocol(config.protocol), device)
             results[model].append(metrics)

@@ -1,10 +1,12 @@
-"""Embedding speed: images/s of each image tower (backbone + cirlab's GAP head to 512) at its input size,
-on the CPU and on CUDA when present (there in float32 and in the training setting: bfloat16 autocast
-with channels-last). Random weights and pixels: the speed does not depend on them.
+"""Embedding speed: images/s of each image tower (backbone + cirlab's GAP head to 512; CLIP towers with
+their own projection head instead) at its input size, on the CPU and on CUDA when present (there in float32
+and in the training setting: bfloat16 autocast with channels-last). Random weights and pixels: the speed does
+not depend on them (and no CLIP weights are available offline, so the CLIP rows say "random init").
 
     python benchmarks/embed_speed.py                                   # every backbone, 224 px, batch 64
     python benchmarks/embed_speed.py --batch-size 8 --batches 2        # quick look
-    python benchmarks/embed_speed.py --size 64                         # at CSS's 64 px instead
+    python benchmarks/embed_speed.py --size 64                         # at CSS's 64 px instead (not CLIP)
+    python benchmarks/embed_speed.py --towers clip:RN50 clip:ViT-B-32   # the CLIP towers only
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ from machine import command_line, describe_machine, publish  # noqa: E402
 from cirlab.acceleration import to_channels_last  # noqa: E402
 from cirlab.encoders.image import BACKBONES, ImageEncoder, create_backbone  # noqa: E402
 
-INPUT_SIZE = {"resnet18": 224, "efficientnet_lite0": 224}  # the ImageNet resolution each was trained at
+# open_clip configs (cirlab.encoders.clip); their position embeddings fix the input size, so --size skips them.
+CLIP_TOWERS: tuple[str, ...] = ("clip:RN50", "clip:ViT-B-32")
+TOWERS: tuple[str, ...] = (*BACKBONES, *CLIP_TOWERS)
+INPUT_SIZE = {"resnet18": 224, "resnet50": 224, "efficientnet_lite0": 224,  # the ImageNet resolution of each
+              "clip:RN50": 224, "clip:ViT-B-32": 224}
 
 
 @dataclass
@@ -40,7 +46,7 @@ class Row:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--towers", nargs="+", choices=BACKBONES, default=list(BACKBONES))
+    parser.add_argument("--towers", nargs="+", choices=TOWERS, default=list(TOWERS))
     parser.add_argument("--size", type=int, help="input side in pixels (default: each tower's own)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=10, help="timed batches, after 2 warm-up batches")
@@ -55,6 +61,14 @@ def parse_args() -> argparse.Namespace:
 def _synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def make_encoder(name: str) -> ImageEncoder:
+    """The tower at random init: a backbone with the GAP head to 512, a CLIP tower with its own projection."""
+    backbone = create_backbone(name, weights=None)
+    if name in CLIP_TOWERS:
+        return ImageEncoder(backbone, out_dim=backbone.embed_dim, pooling="tower")
+    return ImageEncoder(backbone, out_dim=512)
 
 
 def images_per_second(encoder: ImageEncoder, pixels: torch.Tensor, dtype: torch.dtype | None,
@@ -76,22 +90,24 @@ def main() -> None:
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
     for name in args.towers:
-        size = args.size or INPUT_SIZE[name]
+        size = INPUT_SIZE[name] if name in CLIP_TOWERS else args.size or INPUT_SIZE[name]
+        tower = f"{name} (random init)" if name in CLIP_TOWERS else name
         for device in map(torch.device, devices):
             settings = [("float32", None, False)]
             if device.type == "cuda":
                 settings.append(("bfloat16 autocast, channels-last", torch.bfloat16, True))
             for label, dtype, channels_last in settings:
-                encoder = ImageEncoder(create_backbone(name, weights=None), out_dim=512).to(device).eval()
+                encoder = make_encoder(name).to(device).eval()
                 pixels = torch.randn(args.batch_size, 3, size, size, device=device)
                 if channels_last:
                     encoder.to(memory_format=torch.channels_last)
                     pixels = to_channels_last(pixels)
                 rate = images_per_second(encoder, pixels, dtype, args.batches)
-                rows.append(Row(name, str(device), label, size, args.batch_size, round(rate, 1),
+                rows.append(Row(tower, str(device), label, size, args.batch_size, round(rate, 1),
                                 round(1000 * args.batch_size / rate, 2)))
                 print(rows[-1], flush=True)
-    lines = [f"Embedding speed (image tower = backbone + GAP + Linear to 512; {args.batches} timed batches)", "",
+    lines = [f"Embedding speed (image tower = backbone + GAP + Linear to 512, CLIP towers with their own "
+             f"projection; {args.batches} timed batches)", "",
              "| tower | device | precision | input | batch | images/s | ms/batch |",
              "|---|---|---|---:|---:|---:|---:|"]
     lines += [f"| {r.tower} | {r.device} | {r.precision} | {r.size} | {r.batch} | {r.images_per_s:,.1f} "

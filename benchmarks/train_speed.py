@@ -97,7 +97,8 @@ def training_images(config: Config, model: torch.nn.Module, paths: list[Path], d
         cache[key] = PixelImages(paths, progress=False, size=config.data.image_size)
     images = pixels = cache[key]
     if config.model.freeze_backbone and config.train.cache_features:
-        key = f"maps:{device}:{config.model.image_backbone}:{config.model.backbone_upto}"
+        # Output channels tell one map from a multi-level backbone's several (CMAP), which models cannot share.
+        key = f"maps:{device}:{config.model.image_backbone}:{model.image_encoder.backbone.out_channels}"
         if key not in cache:  # every model shares the frozen backbone's bundled weights
             cache[key] = CachedMaps(model.image_encoder, pixels, device, progress=False)
         images = cache[key]
@@ -114,7 +115,9 @@ def profile_steps(run: Path, device: torch.device, steps: int, cache: dict[str, 
     forward = TrainingForward(model, autocast_dtype(config.train, device), config.train.channels_last)
     optimizer = build_optimizer(model, config)
     sampler = make_sampler(config.train.sampler, split, config.train.batch_size, config.train.seed)
-    loss_fn = partial(compute_loss, config.train.loss, generator=torch.Generator().manual_seed(0))
+    # The model's own objective (CMAP's), as `train` computes it; the configured loss by default.
+    loss_fn = partial(model.training_loss, retrieval_loss=partial(compute_loss, config.train.loss,
+                                                                  generator=torch.Generator().manual_seed(0)))
     model.train()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:

@@ -8,6 +8,7 @@ import pytest
 from cirlab.cli import build_parser, main
 
 SUBCOMMANDS = [["data", "make-css"], ["data", "make-cirr"], ["data", "make-garments"], ["data", "check"],
+               ["data", "masks"],
                ["index", "build"], ["index", "add"],
                ["index", "remove"], ["index", "info"], ["search"],
                ["explain"], ["serve"], ["train"], ["eval"], ["demo"], ["models"]]
@@ -23,7 +24,8 @@ def test_every_subcommand_has_help(words, capsys):
 
 def test_models_lists_the_registry(capsys):
     assert main(["models"]) == 0
-    assert capsys.readouterr().out.split() == ["concat", "image_only", "lbf", "text_only", "tirg", "tirg_lastconv"]
+    assert capsys.readouterr().out.split() == ["cmap", "combiner", "concat", "image_only", "lbf", "offset",
+                                                "text_only", "tirg", "tirg_lastconv"]
 
 
 def _train(root, out):

@@ -118,8 +118,8 @@ def load_checkpoint(folder: Path, overrides: list[str] | None = None) -> Checkpo
             raise CheckpointError(f"{folder}: not a cirlab checkpoint (missing {name})")
     config = load_config(base=_read_json(folder / CONFIG_FILE), overrides=overrides)
     vocab = Vocabulary.from_list(_read_json(folder / VOCAB_FILE))
-    # The backbone's weights come from the checkpoint itself, never from a path or package.
-    model = create_model(dataclasses.replace(config.model, image_weights=None), vocab)
+    # The backbone's and word vectors' weights come from the checkpoint itself, never from a path or package.
+    model = create_model(dataclasses.replace(config.model, image_weights=None, text_weights=None), vocab)
     model.image_size = config.data.image_size
     try:
         model.load_state_dict(load_file(folder / MODEL_FILE))

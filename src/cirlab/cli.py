@@ -57,6 +57,17 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _cmd_masks(args: argparse.Namespace) -> None:
+    from cirlab.devices import resolve_device
+    from cirlab.masks.build import build_masks
+    from cirlab.masks.sources import create_mask_source
+
+    source = create_mask_source(args.source, args.weights, args.prompt, args.captions, resolve_device(args.device))
+    built = build_masks(Path(args.root), source, overwrite=args.overwrite)
+    print(f"{built.computed} {args.source} mask(s) computed, {built.cached} already cached, in {built.folder}")
+    print(built.iou.describe() if built.iou else "no ground-truth masks (DATA/masks/) to score them against")
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from cirlab.config import load_config
     from cirlab.distributed import process_group
@@ -245,6 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--format", required=True,
                        choices=["css", "fashioniq", "cirr", "shoes", "fashion200k", "mitstates", "folder"])
     check.set_defaults(func=_cmd_check)
+    masks = data_commands.add_parser(
+        "masks", help="cache one dominant-portion mask per image (OFFSET) in DATA/dominant_masks/SOURCE/; "
+        "prints their IoU against the generator's masks where the dataset has them")
+    masks.add_argument("root", help="dataset folder")
+    masks.add_argument("--source", choices=["saliency", "oracle", "clipseg"], default="saliency",
+                       help="saliency: offline colour segmentation (default); oracle: the synthetic garments' "
+                            "ground truth; clipseg: CLIPSeg from --weights")
+    masks.add_argument("--weights", help="clipseg: local folder of a CLIPSegForImageSegmentation and its processor")
+    masks.add_argument("--prompt", help="clipseg: the prompt of images without a caption (default: the main object)")
+    masks.add_argument("--captions", help="clipseg: JSON object of image file stem -> caption to prompt with")
+    masks.add_argument("--device", default="auto", help="clipseg: auto, cpu, cuda, ...")
+    masks.add_argument("--overwrite", action="store_true", help="recompute every mask (e.g. after changing settings)")
+    masks.set_defaults(func=_cmd_masks)
 
     train = commands.add_parser("train", help="train a model from a YAML config", epilog=EPILOG)
     train.add_argument("--config", help="YAML run config, e.g. configs/css/tirg.yaml")

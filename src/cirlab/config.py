@@ -48,14 +48,24 @@ class ModelConfig:
     embed_dim: int = 512
     image_backbone: str = "resnet18"
     # "default" = the backbone's offline default (bundled ImageNet weights where a package ships
-    # them, random init otherwise), null = random init, or a local file path.
+    # them, random init otherwise), null = random init, or a local file path. CLIP towers
+    # ("clip:ViT-B-32", see cirlab.encoders.clip) also take "open_clip:<tag>" to download.
     image_weights: str | None = "default"
+    # Where the trunk ends; CLIP towers: "embedding" (default, the projected feature) or "tokens".
     backbone_upto: str | None = None
+    # "gap" | "flatten" | "tower" (the backbone's own pooling head: a CLIP tower's projected feature).
     pooling: str = "gap"
     freeze_backbone: bool = False
     # Backbone map size (h, w) that "flatten" pooling needs; filled in by the trainer from the data.
     map_size: list[int] | None = None
     text_encoder: str = "lstm"
+    # A local word-vector file for the "bigru" text encoder (GloVe text format: `word v1 ... v300` per
+    # line), frozen once read; null = word embeddings learned from scratch. Read only to build a model for
+    # training: a checkpoint holds the vectors itself. A CLIP text tower ("clip:ViT-B-32") takes its
+    # weights here in the form image_weights takes them (null = random init).
+    text_weights: str | None = None
+    # Keep a CLIP text tower's weights fixed (CLIP4Cir's Combiner stage).
+    freeze_text: bool = False
     # Method-specific switches, passed to the method's constructor (e.g. TIRG's `gate_layers`).
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -93,6 +103,9 @@ class TrainConfig:
     weight_decay: float = 1e-6
     # Learning-rate multiplier of a trainable pretrained backbone (TIRG: 1.0 on CSS, 0.1 elsewhere).
     backbone_lr_mult: float = 1.0
+    # Learning-rate multiplier of the text encoder's trainable parameters (a fine-tuned CLIP text tower);
+    # 1.0 keeps them in the main group.
+    text_lr_mult: float = 1.0
     lr_decay_every: int | None = None
     lr_decay_factor: float = 0.1
     eval_every: int = 1000

@@ -34,6 +34,7 @@ from cirlab.encoders.regions import attach_regions
 from cirlab.explain.quality import explanation_quality, explanation_table
 from cirlab.explain.supervision import EditMasks
 from cirlab.files import atomic_write_text
+from cirlab.masks.batches import attach_masks
 from cirlab.models.base import CIRModel
 
 
@@ -170,6 +171,7 @@ def _scored_chunks(model: CIRModel, evalset: EvalSet, device: torch.device, imag
     paths = [evalset.image_paths[i] for i in ids]
     pixels = PixelImages(paths, progress=progress, size=image_size)
     images = attach_regions(model, pixels, pixels, paths, progress=progress)  # region models (LBF)
+    images = attach_masks(model, images, pixels, paths, progress=progress)  # mask models (OFFSET)
     column = {image: position for position, image in enumerate(ids)}
     was_training = model.training
     model.eval()

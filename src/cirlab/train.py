@@ -36,6 +36,7 @@ from cirlab.evaluate import css_protocol, evaluate_split
 from cirlab.explain.supervision import EditMasks, edit_masks, pixel_difference_masks
 from cirlab.explain.training import check_mmgrad_config, mmgrad_attention_loss
 from cirlab.losses import batch_classification_loss, sample_soft_triplets, soft_triplet_loss
+from cirlab.masks.batches import attach_masks
 from cirlab.models.base import CIRModel
 from cirlab.models.registry import create_model
 
@@ -162,18 +163,25 @@ OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 
 
 def build_optimizer(model: CIRModel, config: Config) -> torch.optim.Optimizer:
-    """`train.optimizer` over trainable parameters; a trainable backbone gets `backbone_lr_mult` x lr.
+    """`train.optimizer` over trainable parameters; a trainable backbone gets `backbone_lr_mult` x lr, and
+    with `text_lr_mult` != 1 the text encoder's trainable parameters get a group of their own at that multiple.
 
     Weight decay applies to every parameter (BN, the scale and TIRG's `a` included), as in the TIRG code.
     """
     if config.train.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{config.train.optimizer}' (known: {', '.join(OPTIMIZERS)})")
     backbone = {id(p) for p in model.image_encoder.backbone.parameters()}
+    # Only a multiplier other than 1 adds a group, so the optimizer state of earlier runs still resumes.
+    text = {id(p) for p in model.text_encoder.parameters()} if config.train.text_lr_mult != 1.0 else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in backbone], "lr": config.train.lr}]
+    grouped = backbone | text
+    groups = [{"params": [p for p in trainable if id(p) not in grouped], "lr": config.train.lr}]
     backbone_params = [p for p in trainable if id(p) in backbone]
     if backbone_params:
         groups.append({"params": backbone_params, "lr": config.train.lr * config.train.backbone_lr_mult})
+    text_params = [p for p in trainable if id(p) in text]
+    if text_params:
+        groups.append({"params": text_params, "lr": config.train.lr * config.train.text_lr_mult})
     for group in groups:
         group["initial_lr"] = group["lr"]
     if config.train.optimizer == "adamw":
@@ -226,7 +234,10 @@ def _training_images(config: Config, model: CIRModel, pixels: PixelImages, image
     """Pixels, or with a frozen backbone its maps computed once (shared through `image_cache`)."""
     if not (config.model.freeze_backbone and config.train.cache_features):
         return pixels
-    backbone = (config.model.image_backbone, config.model.image_weights, config.model.backbone_upto)
+    # The output channels tell one map from a multi-level backbone's several (and which levels), so
+    # models sharing `image_cache` never get each other's maps.
+    backbone = (config.model.image_backbone, config.model.image_weights, config.model.backbone_upto,
+                model.image_encoder.backbone.out_channels)
     key = f"maps:{_pixels_key(config)}:{backbone}"
     if key not in image_cache:
         image_cache[key] = CachedMaps(model.image_encoder, pixels, device, progress=progress)
@@ -287,6 +298,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     # Region models (LBF) get each image's boxes attached, computed or read once per split.
     images = attach_regions(model, images, pixels, train_split.image_paths, Path(config.data.root) / REGION_CACHE,
                             progress)
+    # Mask models (OFFSET) get each image's dominant-portion mask, from the dataset's mask cache.
+    images = attach_masks(model, images, pixels, train_split.image_paths, Path(config.data.root), device, progress)
 
     amp_dtype = autocast_dtype(config.train, device)
     forward = ctx.wrap(TrainingForward(model, amp_dtype, config.train.channels_last), config.train.sync_batchnorm)

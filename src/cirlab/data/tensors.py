@@ -2,7 +2,8 @@
 
 CSS-size images are tiny, so decoding each once and keeping uint8 tensors beats reading PNGs
 every step. With a frozen backbone, its feature maps are computed once (eval mode, the same
-preprocessing as evaluation) and training runs on them, skipping the backbone entirely.
+preprocessing as evaluation) and training runs on them, skipping the backbone entirely; a multi-level
+backbone's maps are cached level by level and handed out as `LevelMaps`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from cirlab.data.css import load_image
 from cirlab.encoders.image import IMAGENET_MEAN, IMAGENET_STD, ImageEncoder
+from cirlab.encoders.multilevel import LevelMaps, MultiLevelImageEncoder
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -80,27 +82,29 @@ class PixelImages:
 
 
 class CachedMaps:
-    """Backbone feature maps of every image, computed once in eval mode, stored in float16."""
+    """Backbone feature maps of every image, computed once in eval mode, stored in float16: one map per
+    image, or for a multi-level backbone one per level (batches are then `LevelMaps`)."""
 
-    def __init__(self, encoder: ImageEncoder, images: PixelImages, device: torch.device | str,
-                 batch_size: int = 256, progress: bool = True) -> None:
-        maps = []
+    def __init__(self, encoder: ImageEncoder | MultiLevelImageEncoder, images: PixelImages,
+                 device: torch.device | str, batch_size: int = 256, progress: bool = True) -> None:
+        chunks = []
         was_training = encoder.backbone.training
         encoder.backbone.eval()
         with torch.no_grad():
             for start in tqdm(range(0, len(images), batch_size), desc="caching backbone features",
                               unit="batch", disable=not progress):
                 indices = range(start, min(start + batch_size, len(images)))
-                maps.append(encoder.backbone(images.batch(indices, device)).half().cpu())
+                maps = encoder.backbone(images.batch(indices, device))
+                chunks.append([level.half().cpu() for level in (maps if isinstance(maps, tuple) else [maps])])
         encoder.backbone.train(was_training)
-        self.maps = torch.cat(maps)
+        self.multilevel = isinstance(maps, tuple)
+        self.levels = tuple(torch.cat(parts) for parts in zip(*chunks, strict=True))
 
     def __len__(self) -> int:
-        return len(self.maps)
+        return len(self.levels[0])
 
-    @property
-    def map_size(self) -> tuple[int, int]:
-        return tuple(self.maps.shape[2:])
-
-    def batch(self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-        return self.maps[torch.as_tensor(indices)].to(device, non_blocking=True).float()
+    def batch(self, indices: Sequence[int] | torch.Tensor,
+              device: torch.device | str = "cpu") -> torch.Tensor | LevelMaps:
+        index = torch.as_tensor(indices)
+        maps = tuple(level[index].to(device, non_blocking=True).float() for level in self.levels)
+        return LevelMaps(maps) if self.multilevel else maps[0]

@@ -8,16 +8,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from torchvision.models import resnet18
+from torchvision.models import resnet18, resnet50
 
 from cirlab.encoders.efficientnet_lite import EfficientNetLite0, default_weights_path
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-RESNET18_ENDS: dict[str, int] = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
-BACKBONES: tuple[str, ...] = ("resnet18", "efficientnet_lite0")
-POOLINGS: tuple[str, ...] = ("gap", "flatten")
+# Output channels of each ResNet stage: the trunk ends a backbone can be cut at.
+RESNET_ENDS: dict[str, dict[str, int]] = {
+    "resnet18": {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},
+    "resnet50": {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
+}
+_RESNETS = {"resnet18": resnet18, "resnet50": resnet50}
+BACKBONES: tuple[str, ...] = ("resnet18", "efficientnet_lite0", "resnet50")
+POOLINGS: tuple[str, ...] = ("gap", "flatten", "tower")
 FLATTEN_CHANNELS = 64
 
 
@@ -74,23 +79,23 @@ def load_weights(model: nn.Module, path: str | Path, ignore_prefix: str) -> None
         raise ValueError(f"weights file {path} does not fit the model: {err}") from err
 
 
-def _resnet18_backbone(weights: str | None, upto: str | None) -> Backbone:
-    """torchvision ResNet-18 trunk (stem + layer1..upto, no avgpool/fc).
+def _resnet_backbone(name: str, weights: str | None, upto: str | None) -> Backbone:
+    """torchvision ResNet-18/50 trunk (stem + layer1..upto, no avgpool/fc).
 
     No ResNet weights are available offline, so ``weights="default"`` is the same
     as ``None``: torchvision's random initialisation. Pass a local file for
     pretrained weights (torchvision key layout; ``fc.*`` is ignored).
     """
-    upto = upto or "layer4"
-    if upto not in RESNET18_ENDS:
-        raise ValueError(f"unknown resnet18 trunk end {upto!r}; known: {', '.join(RESNET18_ENDS)}")
-    net = resnet18(weights=None)
+    upto, ends = upto or "layer4", RESNET_ENDS[name]
+    if upto not in ends:
+        raise ValueError(f"unknown {name} trunk end {upto!r}; known: {', '.join(ends)}")
+    net = _RESNETS[name](weights=None)
     if weights not in (None, "default"):
         load_weights(net, weights, ignore_prefix="fc.")
-    names = ["conv1", "bn1", "relu", "maxpool", *list(RESNET18_ENDS)[: list(RESNET18_ENDS).index(upto) + 1]]
+    names = ["conv1", "bn1", "relu", "maxpool", *list(ends)[: list(ends).index(upto) + 1]]
     # Keeping torchvision's child names keeps the trunk's state-dict keys familiar.
-    trunk = nn.Sequential(OrderedDict((name, getattr(net, name)) for name in names))
-    return Backbone(trunk, RESNET18_ENDS[upto])
+    trunk = nn.Sequential(OrderedDict((child, getattr(net, child)) for child in names))
+    return Backbone(trunk, ends[upto])
 
 
 def _efficientnet_lite0_backbone(weights: str | None, upto: str | None) -> Backbone:
@@ -103,19 +108,24 @@ def _efficientnet_lite0_backbone(weights: str | None, upto: str | None) -> Backb
 
 
 def create_backbone(name: str, weights: str | None = "default", upto: str | None = None) -> Backbone:
-    """Build a backbone by name ("resnet18" or "efficientnet_lite0").
+    """Build a backbone by name ("resnet18", "efficientnet_lite0" or "resnet50").
 
     weights: None = random init, "default" = the backbone's offline default
-    (resnet18: random init, as no ResNet weights are available offline;
+    (resnets: random init, as no ResNet weights are available offline;
     efficientnet_lite0: the bundled ImageNet weights), or a local file path.
-    upto: where to cut the trunk (resnet18: "layer1".."layer4", default "layer4";
+    upto: where to cut the trunk (resnets: "layer1".."layer4", default "layer4";
     efficientnet_lite0: "stage1".."stage7" or "head", default "head").
+    "clip:NAME" is an open_clip image tower (see cirlab.encoders.clip; upto "embedding" or "tokens").
     """
-    if name == "resnet18":
-        return _resnet18_backbone(weights, upto)
+    if name in RESNET_ENDS:
+        return _resnet_backbone(name, weights, upto)
     if name == "efficientnet_lite0":
         return _efficientnet_lite0_backbone(weights, upto)
-    raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    if name.startswith("clip:"):  # open_clip is an optional dependency: imported only for CLIP towers
+        from cirlab.encoders.clip import create_clip_backbone
+
+        return create_clip_backbone(name, weights, upto)
+    raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}, clip:<open_clip config>")
 
 
 class ImageEncoder(nn.Module):
@@ -127,6 +137,8 @@ class ImageEncoder(nn.Module):
     It keeps *where* things are, which GAP discards; this matters when the
     backbone is frozen and cannot learn to encode position into channels.
     Needs ``map_size`` = (h, w) of the backbone map.
+    pooling="tower": the backbone's own pooling head (a CLIP tower's projected
+    feature, see cirlab.encoders.clip); no new layers, so ``out_dim`` must be its size.
     """
 
     def __init__(
@@ -156,6 +168,15 @@ class ImageEncoder(nn.Module):
                 nn.Flatten(),
                 nn.Linear(FLATTEN_CHANNELS * h * w, out_dim),
             )
+        elif pooling == "tower":
+            own_dim = getattr(backbone, "embed_dim", None)
+            if own_dim is None:
+                raise ValueError(f'pooling="tower" needs a backbone with its own pooling head (a CLIP tower), '
+                                 f"not {type(backbone).__name__}")
+            if own_dim != out_dim:
+                raise ValueError(f'pooling="tower" gives the backbone\'s own {own_dim}-d feature: '
+                                 f"set model.embed_dim={own_dim} (got {out_dim})")
+            self.head = backbone.pool  # the head's weights stay the backbone's (frozen and lr with it)
         else:
             raise ValueError(f"unknown pooling {pooling!r}; known: {', '.join(POOLINGS)}")
         if freeze_backbone:

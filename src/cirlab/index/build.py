@@ -5,6 +5,11 @@ a crash, or after new images were added to the folder, embeds only what is missi
 committed every `commit_every` images, which bounds what a crash can lose. Under torchrun every
 process embeds its share of each chunk and rank 0 alone writes the index, committing chunk by chunk
 exactly as one process does.
+
+Ranking: a model that scores by cosine stores unit vectors and is ranked by the backend's inner-product
+search. A model with its own per-pair `score` (CMAP) stores its target features as they are, flattened,
+in a FAISS Flat index, and a search scores every stored image with `model.score`, in batches: exact, the
+ranking evaluation uses, at brute-force cost.
 """
 
 from __future__ import annotations
@@ -60,14 +65,23 @@ def list_images(image_dir: Path) -> list[str]:
                   if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
 
 
+def ranks_by_own_score(model: CIRModel) -> bool:
+    """Whether `model` overrides `score` (per-pair scores, not a cosine of two vectors): its index is then
+    ranked by that score over the stored target features, not by a vector search."""
+    return type(model).score is not CIRModel.score
+
+
 def embed_batch(model: CIRModel, pixels: torch.Tensor) -> np.ndarray:
-    """Unit-length target vectors of equal-size images, so inner product = the model's cosine score."""
+    """What the index stores for equal-size images: unit-length target vectors, so inner product = the
+    model's cosine score, or for a model with its own `score` its target features as they are, flattened."""
     with torch.no_grad():
-        features = model.encode_targets(pixels)
+        features = model.encode_targets(pixels).float()
+    if ranks_by_own_score(model):
+        return features.reshape(len(features), -1).cpu().numpy()
     if features.dim() != 2:
         raise ValueError(f"encode_targets returned shape {tuple(features.shape)}; a FAISS index needs one "
                          "vector per image")
-    return F.normalize(features.float(), dim=-1).cpu().numpy()
+    return F.normalize(features, dim=-1).cpu().numpy()
 
 
 def _embed_files(model: CIRModel, paths: Sequence[Path], batch_size: int, device: torch.device,
@@ -88,11 +102,14 @@ def _embed_files(model: CIRModel, paths: Sequence[Path], batch_size: int, device
     return np.stack([vectors[position] for position in range(len(paths))])
 
 
-def _target_model(checkpoint_folder: Path, device: torch.device) -> CIRModel:
+def _target_model(checkpoint_folder: Path, device: torch.device, settings: dict[str, str]) -> CIRModel:
     model = load_checkpoint(checkpoint_folder).model.to(device).eval()
-    if type(model).score is not CIRModel.score:
-        raise ValueError(f"{checkpoint_folder}: {type(model).__name__} scores targets with its own `score`, "
-                         "not a cosine of vectors; a FAISS index alone cannot rank it exactly")
+    backend, factory = settings.get("backend", "faiss"), settings.get("factory", "Flat")
+    if ranks_by_own_score(model) and (backend, factory) != ("faiss", "Flat"):
+        asked = f"faiss {factory}" if backend == "faiss" else backend
+        raise ValueError(f"{checkpoint_folder}: {type(model).__name__} ranks by its own per-pair `score`, which "
+                         "cirlab computes over the exact target features of a FAISS Flat index; use the faiss "
+                         f"backend with the Flat factory, not {asked}")
     return model
 
 
@@ -186,7 +203,7 @@ def build_index(checkpoint_folder: Path, image_dir: Path, out_folder: Path, batc
         missing = ctx.broadcast_strings(missing)
         if missing:
             device = torch.device(device)
-            model = _target_model(Path(checkpoint_folder), device)
+            model = _target_model(Path(checkpoint_folder), device, settings)
             with tqdm(total=len(missing), desc="indexing images", unit="img",
                       disable=not (progress and ctx.is_main)) as bar:
                 for start in range(0, len(missing), commit_every):
@@ -227,9 +244,31 @@ def _gallery_image(index: Index, image_id: str) -> Image.Image:
     return load_image(index.gallery_root / image_id)
 
 
+def exact_scores(model: CIRModel, query: torch.Tensor, features: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+    """`model.score` of one query state against every row of `features` (stored target features), computed
+    in batches of targets so that memory stays bounded on a large gallery."""
+    with torch.no_grad():
+        return torch.cat([model.score(query, torch.from_numpy(features[start:start + batch_size]).to(query.device))[0]
+                          for start in range(0, len(features), batch_size)]).cpu().numpy()
+
+
+def _exact_search(index: Index, model: CIRModel, query: torch.Tensor, k: int,
+                  skipped: str | None) -> list[tuple[str, float]]:
+    if not hasattr(index, "stored_vectors"):
+        raise IndexStoreError(f"{index.folder}: {type(model).__name__} ranks by its own `score` over stored "
+                              "target features, which only a FAISS index hands back")
+    ids, features = index.stored_vectors()
+    if not ids:
+        return []
+    scores = exact_scores(model, query, features)
+    order = np.argsort(-scores, kind="stable")[:k + (skipped is not None)]  # ties keep insertion order
+    return [(ids[i], float(scores[i])) for i in order if ids[i] != skipped][:k]
+
+
 def search_index(index: Index, model: CIRModel, reference_image: Image.Image | str, text: str,
                  k: int = 10, exclude_reference: bool = True) -> list[tuple[str, float]]:
-    """The k best (image id, cosine) for a reference (an image, or a gallery id) modified by `text`.
+    """The k best (image id, score) for a reference (an image, or a gallery id) modified by `text`: the
+    cosine from the index's vector search, or for a model with its own `score` that exact score.
 
     A gallery reference is left out of its own results unless `exclude_reference` is False.
     """
@@ -243,7 +282,9 @@ def search_index(index: Index, model: CIRModel, reference_image: Image.Image | s
             query = model.encode_queries(image_tensor(image, model.image_size).unsqueeze(0).to(device), [text])
     finally:
         model.train(was_training)
-    vector = F.normalize(query.float(), dim=-1).cpu().numpy()
     skipped = reference_id if exclude_reference else None
+    if ranks_by_own_score(model):
+        return _exact_search(index, model, query.float(), k, skipped)
+    vector = F.normalize(query.float(), dim=-1).cpu().numpy()
     scores, ids = index.search(vector, k + (skipped is not None))
     return [(name, float(score)) for name, score in zip(ids[0], scores[0], strict=False) if name != skipped][:k]

@@ -80,6 +80,7 @@ class FaissIndex(StoredIds):
         self._by_int: dict[int, str] = {int_id: name for int_id, name in rows}
         self._tombstones: set[int] = {row[0] for row in connection.execute("SELECT int_id FROM tombstones")}
         self._dirty = False
+        self._stored: tuple[list[str], np.ndarray] | None = None  # see `stored_vectors`
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -185,6 +186,7 @@ class FaissIndex(StoredIds):
             self._by_int[int_id] = name
         self._meta["next_id"] = str(first + len(ids))
         self._dirty = True
+        self._stored = None
 
     def _train(self, matrix: np.ndarray) -> None:
         try:
@@ -211,6 +213,7 @@ class FaissIndex(StoredIds):
         for int_id in int_ids.tolist():
             del self._by_name[self._by_int.pop(int_id)]
         self._dirty = True
+        self._stored = None
 
     def commit(self) -> None:
         """Make every change since the last commit durable, atomically (see the module docstring)."""
@@ -254,6 +257,14 @@ class FaissIndex(StoredIds):
         for row, name in enumerate(names):
             vectors[row] = self._index.reconstruct(self._by_name[name])
         return vectors
+
+    def stored_vectors(self) -> tuple[list[str], np.ndarray]:
+        """Every searchable id (insertion order) and its stored vector (N x D), for ranking by a model's own
+        score; read from FAISS once and kept (shared, not to be modified) until the next `add` or `remove`."""
+        if self._stored is None:
+            ids = self.ids()
+            self._stored = ids, self.reconstruct(ids)
+        return self._stored
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         matrix = as_matrix(queries, int(self._meta["dim"]), "queries")

@@ -40,10 +40,11 @@ def create_model(config: ModelConfig, vocab: Vocabulary | None) -> CIRModel:
     if config.name not in _REGISTRY:
         raise ValueError(f"unknown model '{config.name}' (known: {', '.join(sorted(_REGISTRY))})")
     image_encoder = build_image_encoder(config)
-    text_encoder = create_text_encoder(config.text_encoder, vocab, out_dim=config.embed_dim)
+    text_encoder = create_text_encoder(config.text_encoder, vocab, out_dim=config.embed_dim,
+                                       weights=config.text_weights, freeze=config.freeze_text)
     return _REGISTRY[config.name](image_encoder, text_encoder, config)
 
 
 def _import_builtin_models() -> None:
     # Importing the method modules runs their @register_model decorators.
-    from cirlab.models import baselines, lbf, tirg  # noqa: F401
+    from cirlab.models import baselines, cmap, combiner, lbf, offset, tirg  # noqa: F401

@@ -287,7 +287,10 @@ def create_app(index_folder: Path, checkpoint_folder: Path, max_upload_bytes: in
         def overlay() -> bytes:
             reference = decode_upload(data, max_pixels) if reference_path is None else load_image(reference_path)
             target = load_image(target_path)
-            saliency = explain_pair(engine.model, reference, text, target, method=method, side=side)
+            try:
+                saliency = explain_pair(engine.model, reference, text, target, method=method, side=side)
+            except ValueError as error:  # a model these explanations do not cover (CMAP's multi-level features)
+                raise HTTPException(422, str(error)) from None
             explained = square_image(reference if side == "reference" else target, engine.model.image_size)
             scale = max(1, math.ceil(MIN_OVERLAY_PX / explained.width))
             return png_bytes(heatmap_overlay(explained, saliency, scale=scale))

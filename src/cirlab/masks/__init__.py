@@ -1,0 +1,2 @@
+"""Dominant-portion masks (OFFSET's segmentation step): sources, the per-dataset cache, IoU, and how
+masks reach a model with its images."""
