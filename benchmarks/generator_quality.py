@@ -96,7 +96,9 @@ def config_for(args: argparse.Namespace, dataset: str, model: str, root: Path, s
 def run_dataset(args: argparse.Namespace, dataset: str) -> tuple[str, dict[str, list[dict[str, float]]]]:
     """Train and evaluate every model on one dataset; returns its table and every run's metrics."""
     root = dataset_folder(args, dataset)
-    cache: dict[str, ImageBatches] = {}  # decoded images and cached maps, shared by the dataset's runs
+    # Decoded images and a frozen backbone's maps, computed once and shared by the dataset's runs (training
+    # and evaluation; a frozen backbone's test maps are stored in float16 as in training).
+    cache: dict[str, ImageBatches] = {}
     results: dict[str, list[dict[str, float]]] = {model: [] for model in args.models}
     seconds: dict[str, list[float]] = {model: [] for model in args.models}
     protocol = ""
@@ -107,7 +109,7 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> tuple[str, dict[str, 
             started = time.perf_counter()
             train(config, run, image_cache=cache, overwrite=True)
             seconds[model].append(time.perf_counter() - started)
-            result = evaluate_checkpoint(run / BEST)
+            result = evaluate_checkpoint(run / BEST, image_cache=cache)
             results[model].append(result["metrics"])
             protocol = result["protocol_text"]
             print(f"{dataset} seed {seed} {model}: "

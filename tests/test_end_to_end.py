@@ -101,3 +101,25 @@ def test_an_existing_run_is_never_overwritten_silently(tiny_css, tmp_path, capsy
     assert "already holds a training run" in capsys.readouterr().err
     assert (out / "last" / "model.safetensors").read_bytes() == before
     assert main([*args, "--overwrite"]) == 0
+
+
+def test_evaluations_sharing_an_image_cache_reuse_one_frozen_backbones_maps(tiny_css, tmp_path):
+    """Benchmarks evaluate many runs: with an `image_cache` the decoded images and the frozen backbone's maps are
+    computed once and shared by runs with the same backbone weights, and the metrics stay those of pixels."""
+    from cirlab.evaluate import evaluate_checkpoint, frozen_backbone_key
+
+    for name, seed in (("a", 0), ("b", 1)):
+        train(_config(tiny_css, "train.iterations=2", "train.eval_every=2", f"train.seed={seed}"), tmp_path / name,
+              progress=False)
+    cache = {}
+    shared = [evaluate_checkpoint(tmp_path / n / "best", progress=False, image_cache=cache)["metrics"] for n in "ab"]
+    alone = [evaluate_checkpoint(tmp_path / n / "best", progress=False)["metrics"] for n in "ab"]
+    assert shared == alone
+    assert len(cache) == 2  # one set of decoded pixels, one of maps: the bundled weights are the same in both runs
+    a, b = (load_checkpoint(tmp_path / n / "best").model for n in "ab")
+    assert frozen_backbone_key(a) == frozen_backbone_key(b) is not None
+    with torch.no_grad():
+        next(b.image_encoder.backbone.parameters()).add_(1e-3)
+    assert frozen_backbone_key(a) != frozen_backbone_key(b)
+    b.image_encoder.freeze_backbone = False
+    assert frozen_backbone_key(b) is None

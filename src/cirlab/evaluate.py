@@ -11,6 +11,7 @@ exclusions (`cirlab eval` on every benchmark, CSS included).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from cirlab.data.evalsets import EvalSet, average_variant_scores, recall_subset_
 from cirlab.data.evalsets import recall_at_k as evalset_recall_at_k
 from cirlab.data.records import RetrievalSplit
 from cirlab.data.regions import EDIT_REGIONS_FILE
-from cirlab.data.tensors import ImageBatches, PixelImages
+from cirlab.data.tensors import CachedMaps, ImageBatches, PixelImages
 from cirlab.devices import resolve_device
 from cirlab.encoders.regions import attach_regions
 from cirlab.explain.quality import explanation_quality, explanation_table
@@ -164,14 +165,49 @@ def score_evalset(model: CIRModel, evalset: EvalSet, images: ImageBatches, colum
     return chunks
 
 
+def frozen_backbone_key(model: CIRModel) -> str | None:
+    """A key naming a frozen backbone by its exact weights (None when the backbone trains), so runs that
+    share one can share its cached maps."""
+    encoder = model.image_encoder
+    if not getattr(encoder, "freeze_backbone", False):
+        return None
+    digest = hashlib.sha1()
+    for name, tensor in encoder.backbone.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _evalset_images(model: CIRModel, evalset: EvalSet, paths: list[Path], device: torch.device,
+                    image_size: int | None, progress: bool,
+                    image_cache: dict[str, ImageBatches] | None) -> tuple[PixelImages, ImageBatches]:
+    """The set's decoded pixels, and what the model reads: the pixels, or with an `image_cache` and a frozen
+    backbone its float16 maps, computed once and shared by every model with the same backbone (as training
+    does), which benchmarks that evaluate many runs use."""
+    if image_cache is None:
+        pixels = PixelImages(paths, progress=progress, size=image_size)
+        return pixels, pixels
+    key = f"eval:{evalset.benchmark}:{evalset.split}:{image_size}:{len(paths)}"
+    if key not in image_cache:
+        image_cache[key] = PixelImages(paths, progress=progress, size=image_size)
+    pixels = image_cache[key]
+    backbone = frozen_backbone_key(model)
+    if backbone is None:
+        return pixels, pixels
+    if f"{key}:maps:{backbone}" not in image_cache:
+        image_cache[f"{key}:maps:{backbone}"] = CachedMaps(model.image_encoder, pixels, device, progress=progress)
+    return pixels, image_cache[f"{key}:maps:{backbone}"]
+
+
 def _scored_chunks(model: CIRModel, evalset: EvalSet, device: torch.device, image_size: int | None,
-                   progress: bool, query_chunk: int) -> list[tuple[EvalSet, torch.Tensor]]:
+                   progress: bool, query_chunk: int, image_cache: dict[str, ImageBatches] | None = None
+                   ) -> list[tuple[EvalSet, torch.Tensor]]:
     """The exact scores of `evalset` in query chunks, from its images decoded once, the model in eval mode."""
     ids = list(evalset.image_paths)
     paths = [evalset.image_paths[i] for i in ids]
-    pixels = PixelImages(paths, progress=progress, size=image_size)
-    images = attach_regions(model, pixels, pixels, paths, progress=progress)  # region models (LBF)
-    images = attach_masks(model, images, pixels, paths, progress=progress)  # mask models (OFFSET)
+    pixels, images = _evalset_images(model, evalset, paths, device, image_size, progress, image_cache)
+    images = attach_regions(model, images, pixels, paths, progress=progress)  # region models (LBF)
+    images = attach_masks(model, images, pixels, paths, device=device, progress=progress)  # mask models (OFFSET)
     column = {image: position for position, image in enumerate(ids)}
     was_training = model.training
     model.eval()
@@ -181,12 +217,12 @@ def _scored_chunks(model: CIRModel, evalset: EvalSet, device: torch.device, imag
 
 
 def evaluate_evalset(model: CIRModel, evalset: EvalSet, device: torch.device, image_size: int | None = None,
-                     ks: Sequence[int] | None = None, progress: bool = True, query_chunk: int = 1024
-                     ) -> dict[str, float]:
+                     ks: Sequence[int] | None = None, progress: bool = True, query_chunk: int = 1024,
+                     image_cache: dict[str, ImageBatches] | None = None) -> dict[str, float]:
     """Recall@K of `model` on one evaluation set (plus CIRR's Recall_subset where queries have sets)."""
     with_subsets = all(q.subset is not None for q in evalset.queries)
     totals: dict[str, float] = {}
-    for part, scores in _scored_chunks(model, evalset, device, image_size, progress, query_chunk):
+    for part, scores in _scored_chunks(model, evalset, device, image_size, progress, query_chunk, image_cache):
         metrics = evalset_recall_at_k(scores, part, ks)
         if with_subsets:
             metrics.update(recall_subset_at_k(scores, part))
@@ -221,10 +257,12 @@ def _default_split(overrides: list[str] | None, split: str) -> list[str]:
 
 
 def evaluate_benchmark(model: CIRModel, benchmark: Benchmark, device: torch.device, image_size: int | None = None,
-                       ks: Sequence[int] | None = None, progress: bool = True) -> dict[str, float]:
+                       ks: Sequence[int] | None = None, progress: bool = True,
+                       image_cache: dict[str, ImageBatches] | None = None) -> dict[str, float]:
     """Metrics of every evaluation set; several sets (FashionIQ categories) are reported per set and
-    averaged as the benchmark's papers do."""
-    per_set = {evalset.benchmark: evaluate_evalset(model, evalset, device, image_size, ks, progress)
+    averaged as the benchmark's papers do. `image_cache`: see `_evalset_images`."""
+    per_set = {evalset.benchmark: evaluate_evalset(model, evalset, device, image_size, ks, progress,
+                                                   image_cache=image_cache)
                for evalset in benchmark.evalsets}
     if benchmark.combine is None:
         (metrics,) = per_set.values()
@@ -246,15 +284,18 @@ def evaluate_explanations(model: CIRModel, config: Config, split_name: str, devi
 
 
 def evaluate_checkpoint(folder: Path, overrides: list[str] | None = None, progress: bool = True,
-                        explain_queries: int = 0, explain_method: str = "mmgrad") -> dict[str, Any]:
+                        explain_queries: int = 0, explain_method: str = "mmgrad",
+                        image_cache: dict[str, ImageBatches] | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint folder under its benchmark's protocol; returns a JSON-ready result.
-    With `explain_queries`, explanation metrics on that many queries are added (CSS)."""
+    With `explain_queries`, explanation metrics on that many queries are added (CSS). `image_cache` lets
+    evaluations of several runs share decoded images and a frozen backbone's maps (`_evalset_images`)."""
     checkpoint = load_checkpoint(folder, overrides)
     config = checkpoint.config
     benchmark = load_benchmark(config)
     device = resolve_device(config.train.device)
     model = checkpoint.model.to(device)
-    metrics = evaluate_benchmark(model, benchmark, device, config.data.image_size, config.protocol.ks, progress)
+    metrics = evaluate_benchmark(model, benchmark, device, config.data.image_size, config.protocol.ks, progress,
+                                 image_cache)
     first = benchmark.evalsets[0]
     result = {"checkpoint": str(folder), "benchmark": config.data.format, "split": first.split,
               "queries": sum(len(e.queries) for e in benchmark.evalsets),
