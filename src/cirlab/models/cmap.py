@@ -48,7 +48,6 @@ deleted), not the code's NLTK vocabulary with <start>/<end>/<and>.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,6 +60,7 @@ from cirlab.encoders.image import ImageEncoder
 from cirlab.encoders.multilevel import MultiLevelBackbone, MultiLevelImageEncoder
 from cirlab.encoders.text import TextEncoder
 from cirlab.models.base import CIRModel
+from cirlab.models.options import parse_options
 from cirlab.models.registry import register_model
 
 QUERY_ROWS = 4  # m, E_m, A_m, A_p: the rows of a query state before its per-level reference views
@@ -81,11 +81,7 @@ class CMAPOptions:
 
     @classmethod
     def from_dict(cls, options: dict) -> CMAPOptions:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown CMAP option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**options)
+        return parse_options(cls, options, "CMAP")
 
 
 def reversed_attention(attention: Tensor) -> Tensor:

@@ -40,7 +40,6 @@ Reconstructed here (option name in brackets where it is a switch; the default fi
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +56,7 @@ from cirlab.encoders.regions import (
 )
 from cirlab.encoders.text import TextEncoder, Vocabulary, tokenize
 from cirlab.models.base import CIRModel
+from cirlab.models.options import parse_options
 from cirlab.models.registry import register_model
 
 COMBINES: tuple[str, ...] = ("sum", "concat")
@@ -87,11 +87,7 @@ class LBFOptions:
 
     @classmethod
     def from_dict(cls, options: dict) -> LBFOptions:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown LBF option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        parsed = cls(**options)
+        parsed = parse_options(cls, options, "LBF")
         if parsed.combine not in COMBINES:
             raise ValueError(f"unknown LBF combine {parsed.combine!r} (known: {', '.join(COMBINES)})")
         return parsed

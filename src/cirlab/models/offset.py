@@ -61,7 +61,6 @@ ablation without segmentation, every mask all white, with the architecture uncha
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +75,7 @@ from cirlab.encoders.text import TextEncoder
 from cirlab.masks.batches import MaskedBatch, mask_images
 from cirlab.masks.sources import MASK_SOURCES, create_mask_source
 from cirlab.models.base import CIRModel
+from cirlab.models.options import parse_options
 from cirlab.models.registry import register_model
 
 REVISION_SPLITS: tuple[str, ...] = ("per_token", "code")
@@ -99,11 +99,7 @@ class OffsetOptions:
 
     @classmethod
     def from_dict(cls, options: dict) -> OffsetOptions:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown OFFSET option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        parsed = cls(**options)
+        parsed = parse_options(cls, options, "OFFSET")
         for name, value, allowed in (("masks", parsed.masks, MASK_SOURCES),
                                      ("revision_split", parsed.revision_split, REVISION_SPLITS),
                                      ("fused_global", parsed.fused_global, FUSED_GLOBALS)):
