@@ -58,7 +58,8 @@ class Row:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/css/demo.yaml", help="the recipe every model trains with")
+    parser.add_argument("--config", default="configs/css/demo.yaml",
+                        help="the recipe every model trains with, unless configs/css/<model>_cpu.yaml exists")
     parser.add_argument("--data", default="data/css-demo", help="CSS folder (generated with --preset demo if missing)")
     parser.add_argument("--models", nargs="+", help="default: every registered model")
     parser.add_argument("--devices", nargs="+", help="default: cpu, and cuda when present")
@@ -146,13 +147,21 @@ def profile_steps(run: Path, device: torch.device, steps: int, cache: dict[str, 
             f"{top.key} ({self_time(top) / total:.0%} of op time)")
 
 
+def recipe_of(model: str, args: argparse.Namespace) -> str:
+    """The model's own CPU recipe (configs/css/<model>_cpu.yaml, e.g. CMAP's three-level backbone) where it has
+    one, else --config."""
+    own = Path(f"configs/css/{model}_cpu.yaml")
+    return str(own) if own.is_file() else args.config
+
+
 def bench(model: str, device: str, cached: bool, args: argparse.Namespace, train_cache: dict[str, ImageBatches],
           profile_cache: dict[str, ImageBatches]) -> Row:
     images = "cached maps" if cached else "pixels"
     steps = args.warmup + args.steps
-    config = load_config(args.config, [f"model.name={model}", f"data.root={args.data}", f"train.device={device}",
-                                       f"train.cache_features={str(cached).lower()}", f"train.iterations={steps}",
-                                       f"train.eval_every={steps}", "train.log_every=1", *args.set])
+    config = load_config(recipe_of(model, args), [
+        f"model.name={model}", f"data.root={args.data}", f"train.device={device}",
+        f"train.cache_features={str(cached).lower()}", f"train.iterations={steps}", f"train.eval_every={steps}",
+        "train.log_every=1", *args.set])
     run = Path(args.out) / f"{model}-{device}-{'cached' if cached else 'pixels'}"
     try:
         train(config, run, progress=False, image_cache=train_cache, overwrite=True)
@@ -184,7 +193,8 @@ def main() -> None:
                 rows.append(bench(model, device, cached, args, train_cache, profile_cache))
                 print(f"{rows[-1]} [{time.perf_counter() - started:.0f} s]", flush=True)
     batch = load_config(args.config, args.set).train.batch_size
-    lines = [f"Training speed ({args.config}, batch {batch}, {args.steps} steps after {args.warmup} warm-up steps; "
+    lines = [f"Training speed ({args.config} or configs/css/<model>_cpu.yaml, batch {batch}, {args.steps} steps "
+             f"after {args.warmup} warm-up steps; "
              f"profile of {args.profile_steps} steps)", "",
              "| model | device | images | samples/s | slowest phase (share of step) | top op | error |",
              "|---|---|---|---:|---|---|---|"]
