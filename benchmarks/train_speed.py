@@ -39,6 +39,7 @@ from cirlab.data.benchmarks import load_benchmark  # noqa: E402
 from cirlab.data.css import generate_css  # noqa: E402
 from cirlab.data.tensors import CachedMaps, ImageBatches, PixelImages  # noqa: E402
 from cirlab.encoders.regions import REGION_CACHE, attach_regions  # noqa: E402
+from cirlab.masks.batches import attach_masks  # noqa: E402
 from cirlab.models.registry import available_models  # noqa: E402
 from cirlab.train import LAST, METRICS, TrainingForward, build_optimizer, compute_loss, make_sampler, train  # noqa: E402
 
@@ -92,7 +93,8 @@ def phase(name: str, device: torch.device):
 
 def training_images(config: Config, model: torch.nn.Module, paths: list[Path], device: torch.device,
                     cache: dict[str, ImageBatches]) -> ImageBatches:
-    """What `train` feeds the model: pixels or cached maps, with regions attached for region models."""
+    """What `train` feeds the model: pixels or cached maps, with regions attached for region models (LBF) and
+    masks for mask models (OFFSET)."""
     key = f"pixels:{config.data.root}:{config.data.image_size}"
     if key not in cache:
         cache[key] = PixelImages(paths, progress=False, size=config.data.image_size)
@@ -103,7 +105,8 @@ def training_images(config: Config, model: torch.nn.Module, paths: list[Path], d
         if key not in cache:  # every model shares the frozen backbone's bundled weights
             cache[key] = CachedMaps(model.image_encoder, pixels, device, progress=False)
         images = cache[key]
-    return attach_regions(model, images, pixels, paths, Path(config.data.root) / REGION_CACHE, progress=False)
+    images = attach_regions(model, images, pixels, paths, Path(config.data.root) / REGION_CACHE, progress=False)
+    return attach_masks(model, images, pixels, paths, Path(config.data.root), device, progress=False)
 
 
 def profile_steps(run: Path, device: torch.device, steps: int, cache: dict[str, ImageBatches]) -> tuple[str, str]:
