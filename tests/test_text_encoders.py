@@ -60,6 +60,18 @@ def test_lstm_token_outputs_and_mask() -> None:
     assert encoder([""]).shape == (1, 3)  # empty text = one padding token
 
 
+@pytest.mark.parametrize("name", ["lstm", "bigru"])
+def test_pooled_and_tokens_equal_the_two_separate_calls(name: str) -> None:
+    """OFFSET reads both; the LSTM gives both from one pass, other encoders from their two calls."""
+    torch.manual_seed(0)
+    encoder = create_text_encoder(name, Vocabulary.build(["a b c"]), out_dim=6).eval()
+    texts = ["a b c", "b", ""]
+    pooled, tokens, mask = encoder.pooled_and_tokens(texts)
+    separate_tokens, separate_mask = encoder.forward_tokens(texts)
+    assert torch.equal(pooled, encoder(texts))
+    assert torch.equal(tokens, separate_tokens) and torch.equal(mask, separate_mask)
+
+
 def test_lstm_matches_manual_one_step() -> None:
     vocab = Vocabulary.from_list(["<UNK>", "x"])
     encoder = LSTMTextEncoder(vocab, word_dim=1, hidden_dim=2, out_dim=1).eval()

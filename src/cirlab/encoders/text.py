@@ -78,6 +78,11 @@ class TextEncoder(nn.Module, ABC):
     def forward_tokens(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """B x L x token_dim token features and a B x L bool mask (True = real token)."""
 
+    def pooled_and_tokens(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """`forward` and `forward_tokens` together, for methods that need both (OFFSET); encoders whose two
+        outputs come from one pass override it to run that pass once."""
+        return (self(texts), *self.forward_tokens(texts))
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -113,14 +118,25 @@ class LSTMTextEncoder(TextEncoder):
         """Per-step LSTM outputs. An empty text's single padding step is marked
         True so downstream attention never sees an all-False row."""
         outputs, lengths = self._run(texts)
-        positions = torch.arange(outputs.shape[1], device=outputs.device)
-        return outputs, positions[None, :] < lengths[:, None]
+        return outputs, _real_tokens(outputs, lengths)
 
     def forward(self, texts: list[str]) -> Tensor:
-        outputs, lengths = self._run(texts)
+        return self._pooled(*self._run(texts))
+
+    def _pooled(self, outputs: Tensor, lengths: Tensor) -> Tensor:
         # Padding comes after the last real token, so reading there makes it harmless.
         last = outputs[torch.arange(outputs.shape[0], device=outputs.device), lengths - 1]
         return self.fc(last)
+
+    def pooled_and_tokens(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        outputs, lengths = self._run(texts)  # one LSTM pass for both
+        return self._pooled(outputs, lengths), outputs, _real_tokens(outputs, lengths)
+
+
+def _real_tokens(outputs: Tensor, lengths: Tensor) -> Tensor:
+    """B x L mask of the steps within each text's length."""
+    positions = torch.arange(outputs.shape[1], device=outputs.device)
+    return positions[None, :] < lengths[:, None]
 
 
 def read_word_vectors(path: str | Path, words: Iterable[str]) -> tuple[int, dict[str, Tensor]]:

@@ -276,8 +276,8 @@ class OFFSET(CIRModel):
 
     def encode_queries(self, images: Tensor | MaskedBatch, texts: list[str]) -> Tensor:
         visual, mask_global = self._visual(images)
-        tokens, token_mask = self.text_encoder.forward_tokens(texts)
-        textual = self.textual(self.text_encoder(texts), tokens, token_mask, mask_global)
+        sentence, tokens, token_mask = self.text_encoder.pooled_and_tokens(texts)
+        textual = self.textual(sentence, tokens, token_mask, mask_global)
         composed = visual + textual if self.revision is None else self.revision(visual, textual)
         return composed.mean(dim=1)
 
