@@ -115,7 +115,7 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> tuple[str, dict[str, 
             print(f"{dataset} seed {seed} {model}: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in result["metrics"].items()), flush=True)
     metrics = list(results[args.models[0]][0])
-    lines = [f"### {dataset} ({root}), mean ± std over seeds {args.seeds}", "",
+    lines = [f"#### {dataset} ({root}), mean ± std over seeds {args.seeds}", "",
              "| model | " + " | ".join(metrics) + " | train s/run |", "|---|" + "---:|" * (len(metrics) + 1)]
     for model in args.models:
         cells = [summarise([run[k] for run in results[model]]) for k in metrics]
