@@ -87,10 +87,7 @@ class LBFOptions:
 
     @classmethod
     def from_dict(cls, options: dict) -> LBFOptions:
-        parsed = parse_options(cls, options, "LBF")
-        if parsed.combine not in COMBINES:
-            raise ValueError(f"unknown LBF combine {parsed.combine!r} (known: {', '.join(COMBINES)})")
-        return parsed
+        return parse_options(cls, options, "LBF", {"combine": COMBINES})
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

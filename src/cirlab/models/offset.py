@@ -99,12 +99,8 @@ class OffsetOptions:
 
     @classmethod
     def from_dict(cls, options: dict) -> OffsetOptions:
-        parsed = parse_options(cls, options, "OFFSET")
-        for name, value, allowed in (("masks", parsed.masks, MASK_SOURCES),
-                                     ("revision_split", parsed.revision_split, REVISION_SPLITS),
-                                     ("fused_global", parsed.fused_global, FUSED_GLOBALS)):
-            if value not in allowed:
-                raise ValueError(f"unknown OFFSET {name} {value!r} (known: {', '.join(allowed)})")
+        parsed = parse_options(cls, options, "OFFSET", {"masks": MASK_SOURCES, "revision_split": REVISION_SPLITS,
+                                                        "fused_global": FUSED_GLOBALS})
         if parsed.focus_channels < 1 or parsed.tau <= 0:
             raise ValueError(f"OFFSET needs focus_channels >= 1 and tau > 0, got {parsed.focus_channels} "
                              f"and {parsed.tau}")
