@@ -1,4 +1,5 @@
-"""Speed switches for accelerators: mixed precision, channels-last, torch.compile, pinned copies.
+"""Speed switches for accelerators: mixed precision, channels-last, torch.compile, pinned copies (used by
+every batch of `cirlab.data.tensors` and by index builds).
 
 Mixed precision and channels-last apply on CUDA only (on the CPU they would slow training down or
 change its numbers for nothing); `train.compile` applies wherever it is set.
