@@ -14,6 +14,7 @@ that file exists, else configs/<dataset>/tirg.yaml with model.name=NAME, so base
 
     python benchmarks/generator_quality.py                                  # every dataset, tirg and image_only
     python benchmarks/generator_quality.py --datasets garments --models tirg cmap cmap_no_scl
+    python benchmarks/generator_quality.py --datasets garments --models combiner --set train.lr=5e-4
     python benchmarks/generator_quality.py --datasets cirr --preset demo --seeds 0 --iterations 50   # quick look
 """
 
@@ -67,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--preset", choices=["demo", "full"], default="full")
     parser.add_argument("--iterations", type=int, help="training steps (default: each config's own)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run, after the benchmark's own (e.g. train.lr=5e-4)")
     parser.add_argument("--data", default="data", help="where generated datasets are kept")
     parser.add_argument("--out", default="runs/bench-generators", help="run folders and the result table")
     return parser.parse_args()
@@ -90,7 +93,7 @@ def config_for(args: argparse.Namespace, dataset: str, model: str, root: Path, s
     if args.iterations:
         overrides += [f"train.iterations={args.iterations}", f"train.eval_every={max(args.iterations // 3, 1)}",
                       f"train.log_every={max(args.iterations // 50, 1)}"]
-    return load_config(own, overrides)
+    return load_config(own, overrides + args.set)
 
 
 def run_dataset(args: argparse.Namespace, dataset: str) -> tuple[str, dict[str, list[dict[str, float]]]]:
@@ -130,7 +133,8 @@ def main() -> None:
         table, runs[dataset] = run_dataset(args, dataset)
         tables.append(table)
     steps = f"{args.iterations} steps" if args.iterations else "each config's steps"
-    text = "\n\n".join([f"Generator quality ({args.preset} presets, {steps})", *tables,
+    overrides = f"; overrides {', '.join(args.set)}" if args.set else ""
+    text = "\n\n".join([f"Generator quality ({args.preset} presets, {steps}{overrides})", *tables,
                         f"machine: {describe_machine()}", f"command: {command_line()}"])
     publish(Path(args.out), text, {"runs": runs, "args": vars(args)})
 
