@@ -14,12 +14,14 @@ from cirlab.data.tensors import PixelImages
 from cirlab.encoders.regions import (
     REGION_CACHE,
     RegionBatch,
+    GridRegions,
     RegionImages,
     attach_regions,
     grid_boxes,
     position_features,
     propose_boxes,
     read_region_file,
+    roi_features,
     write_region_file,
 )
 from cirlab.encoders.text import Vocabulary
@@ -55,6 +57,19 @@ def test_grid_boxes_tile_the_image():
     assert grid_boxes(4).tolist() == [[0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 0.5, 1], [0.5, 0.5, 1, 1]]
     small = grid_boxes(18)  # 3 rows x 6 columns
     assert small.shape == (18, 4) and small[5].tolist() == pytest.approx([5 / 6, 0, 1, 1 / 3])
+
+
+@pytest.mark.parametrize("count, height, width, size", [(16, 8, 8, 2), (6, 7, 10, 3), (4, 16, 16, 1)])
+def test_grid_features_equal_roi_align_and_have_a_double_backward(count, height, width, size):
+    torch.manual_seed(0)
+    feature_map = torch.randn(3, 5, height, width, requires_grad=True)
+    boxes = grid_boxes(count).expand(3, -1, -1)
+    grid = GridRegions(count).features(feature_map, boxes, size)
+    assert grid.shape == (3, count, 5 * size * size)
+    torch.testing.assert_close(grid, roi_features(feature_map, boxes, size), atol=1e-5, rtol=1e-5)
+    (gradient,) = torch.autograd.grad(grid.square().sum(), feature_map, create_graph=True)
+    gradient.sum().backward()  # torchvision's roi_align refuses this second backward
+    assert feature_map.grad.abs().sum() > 0
 
 
 def test_proposals_find_each_css_object():

@@ -81,6 +81,21 @@ def test_double_backprop_trains_the_head_above_a_frozen_backbone():
     assert all(p.grad is None for p in model.image_encoder.backbone.parameters())
 
 
+def test_double_backprop_reaches_lbf_on_grid_regions():
+    config = load_config(None, ["model.name=lbf", "model.image_backbone=resnet18", "model.image_weights=null",
+                                "model.backbone_upto=layer2", "model.embed_dim=8", "model.freeze_backbone=true"])
+    config.model.options = {"regions": "grid", "num_regions": 4, "width": 16, "heads": 2, "visual_layers": 1,
+                            "text_layers": 1}
+    torch.manual_seed(0)
+    model = create_model(config.model, Vocabulary.build(["make it red", "add a cube"]))
+    images = torch.randn(2, 3, 32, 32)
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[:, :8, :8] = True
+    loss = mmgrad_attention_loss(model, images, ["make it red", "add a cube"], images.flip(0), masks, MMGradConfig())
+    loss.backward()
+    assert loss.item() > 0 and model.region_projection[0].weight.grad.abs().sum() > 0
+
+
 def test_detached_variant_reaches_only_a_trainable_backbone():
     with pytest.raises(ValueError, match="needs a trainable backbone"):
         check_mmgrad_config(MMGradConfig(detached=True), frozen_backbone=True)

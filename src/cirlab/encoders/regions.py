@@ -131,6 +131,23 @@ def roi_features(feature_map: Tensor, boxes: Tensor, size: int) -> Tensor:
     return pooled.reshape(batch, regions, -1)
 
 
+def roi_weights(boxes: Tensor, height: int, width: int, size: int) -> Tensor:
+    """The matrix (K*size*size x height*width) that `roi_features` applies to every channel for fixed boxes
+    (K x 4). RoI Align is linear in the map, so probing it with the height*width one-hot maps recovers its
+    weights exactly; applying them is plain matrix algebra, which (unlike torchvision's roi_align) has a
+    double backward, as MMGrad training needs."""
+    cells = height * width
+    basis = torch.eye(cells, device=boxes.device).view(cells, 1, height, width)
+    return roi_features(basis, boxes.float().expand(cells, -1, -1), size).reshape(cells, -1).T
+
+
+def apply_roi_weights(feature_map: Tensor, weights: Tensor, regions: int) -> Tensor:
+    """`roi_features` through `roi_weights`: B x K x C*size*size, channels outer as roi_align lays them out."""
+    batch, channels = feature_map.shape[:2]
+    pooled = feature_map.flatten(2) @ weights.T.to(feature_map.dtype)          # B x C x K*size*size
+    return pooled.view(batch, channels, regions, -1).transpose(1, 2).reshape(batch, regions, -1)
+
+
 def grid_boxes(count: int) -> Tensor:
     """`count` cells (count x 4) of a rows x cols grid, rows the largest divisor of count <= sqrt(count)."""
     rows = max(r for r in range(1, int(count ** 0.5) + 1) if count % r == 0)
@@ -243,6 +260,10 @@ class RegionSource(ABC):
             raise ValueError(f"num_regions must be positive, got {num_regions}")
         self.num_regions = num_regions
 
+    def features(self, feature_map: Tensor, boxes: Tensor, size: int) -> Tensor:
+        """Region features (B x K x C*size*size) of `boxes` (B x K x 4) on the backbone's map."""
+        return roi_features(feature_map, boxes, size)
+
     @abstractmethod
     def boxes_of(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Boxes (B x K x 4) and mask (B x K) of a plain batch (pixels or cached maps) without attached regions."""
@@ -255,9 +276,21 @@ class RegionSource(ABC):
 
 
 class GridRegions(RegionSource):
-    """A fixed grid: nothing per image, so plain batches need no wrapping."""
+    """A fixed grid: nothing per image, so plain batches need no wrapping. Its boxes never change, so
+    RoI Align is one fixed matrix per map size (`roi_weights`), computed once."""
 
     name = "grid"
+
+    def __init__(self, num_regions: int) -> None:
+        super().__init__(num_regions)
+        self._weights: dict[tuple[int, int, int, torch.device], Tensor] = {}
+
+    def features(self, feature_map: Tensor, boxes: Tensor, size: int) -> Tensor:
+        height, width = feature_map.shape[-2:]
+        key = (height, width, size, feature_map.device)
+        if key not in self._weights:
+            self._weights[key] = roi_weights(grid_boxes(self.num_regions).to(feature_map.device), height, width, size)
+        return apply_roi_weights(feature_map, self._weights[key], self.num_regions)
 
     def boxes_of(self, images: Tensor) -> tuple[Tensor, Tensor]:
         boxes = grid_boxes(self.num_regions).to(images.device)

@@ -52,7 +52,6 @@ from cirlab.encoders.regions import (
     RegionSource,
     create_region_source,
     position_features,
-    roi_features,
 )
 from cirlab.encoders.text import TextEncoder, Vocabulary, tokenize
 from cirlab.models.base import CIRModel
@@ -213,7 +212,7 @@ class LBF(CIRModel):
         if batch.features is not None:
             return batch.features, batch.boxes, batch.mask
         feature_map = self.image_encoder.feature_map(batch.images)
-        return roi_features(feature_map, batch.boxes, self.options.roi_size), batch.boxes, batch.mask
+        return self.region_source.features(feature_map, batch.boxes, self.options.roi_size), batch.boxes, batch.mask
 
     def visual_features(self, images: Tensor | RegionBatch) -> tuple[Tensor, Tensor, Tensor]:
         """VEP output V (B x K x width), boxes and region mask."""
