@@ -13,8 +13,8 @@ from cirlab.data.regions import mask_box
 from cirlab.data.tensors import PixelImages
 from cirlab.encoders.regions import (
     REGION_CACHE,
-    RegionBatch,
     GridRegions,
+    RegionBatch,
     RegionImages,
     attach_regions,
     grid_boxes,
