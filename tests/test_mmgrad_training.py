@@ -145,3 +145,12 @@ def test_training_with_the_attention_loss_logs_it_and_eval_reports_explanations(
     assert main(["eval", str(tmp_path / "run" / "best"), "--explain", "12", "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again.json").read_text())["explanations"]
     assert again == quality
+
+
+def test_lbf_on_per_image_boxes_is_refused_before_any_work(tiny_css, tmp_path):
+    config = load_config(None, [f"data.root={tiny_css}", *FROZEN, "model.name=lbf", "model.pooling=gap",
+                                "train.mmgrad.weight=1.0"])
+    config.model.options = {"regions": "proposals", "num_regions": 4, "width": 16, "heads": 2}
+    with pytest.raises(ValueError, match='regions "proposals" .* needs model.options.regions=grid'):
+        train(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

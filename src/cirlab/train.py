@@ -293,6 +293,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         model = create_model(config.model, vocab)
     model.to(device)
     prepare_model(model, config.train, device)
+    attention = _attention_setup(config, ctx, model)  # refuses impossible settings before any caching
 
     images = _training_images(config, model, pixels, image_cache, device, progress)
     # Region models (LBF) get each image's boxes attached, computed or read once per split.
@@ -330,7 +331,6 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     protocol = css_protocol(config.protocol)
     loss_fn = partial(model.training_loss, retrieval_loss=partial(compute_loss, config.train.loss,
                                                                   generator=triplet_rng))
-    attention = _attention_setup(config, ctx)
     model.train()
     bar = tqdm(range(start_step, config.train.iterations), desc=f"training {config.model.name}", unit="step",
                disable=not progress, initial=start_step, total=config.train.iterations)
@@ -395,11 +395,13 @@ class AttentionTerm:
         return with_attention
 
 
-def _attention_setup(config: Config, ctx: DistContext) -> AttentionTerm | None:
+def _attention_setup(config: Config, ctx: DistContext, model: CIRModel) -> AttentionTerm | None:
     settings = config.train.mmgrad
     if not settings.weight:
         return None
     check_mmgrad_config(settings, config.model.freeze_backbone)
+    if not settings.detached and (blocker := model.double_backward_blocker()):
+        raise ValueError(blocker)
     if ctx.world_size > 1:  # DDP does not support torch.autograd.grad inside its step
         raise ValueError("MMGrad training (train.mmgrad.weight > 0) runs in one process, not under torchrun")
     return AttentionTerm(config, edit_masks(settings.masks, Path(config.data.root), "train", settings.side))

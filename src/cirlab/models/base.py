@@ -77,6 +77,11 @@ class CIRModel(nn.Module, metaclass=ABCMeta):
         """
         return retrieval_loss(queries, candidates)
 
+    def double_backward_blocker(self) -> str | None:
+        """Why this model cannot be trained through a gradient of a gradient (MMGrad's attention loss),
+        or None when it can."""
+        return None
+
 
 class VectorCompositionModel(CIRModel):
     """A model whose query is `compose(image vector, text vector)`."""

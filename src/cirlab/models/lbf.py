@@ -214,6 +214,12 @@ class LBF(CIRModel):
         feature_map = self.image_encoder.feature_map(batch.images)
         return self.region_source.features(feature_map, batch.boxes, self.options.roi_size), batch.boxes, batch.mask
 
+    def double_backward_blocker(self) -> str | None:
+        if self.region_source.name == "grid":  # a fixed matrix (GridRegions.features), which has one
+            return None
+        return (f'LBF with regions "{self.region_source.name}" pools with torchvision\'s roi_align, which has no '
+                "double backward: MMGrad training of LBF needs model.options.regions=grid")
+
     def visual_features(self, images: Tensor | RegionBatch) -> tuple[Tensor, Tensor, Tensor]:
         """VEP output V (B x K x width), boxes and region mask."""
         regions, boxes, mask = self.region_features(images)
