@@ -81,6 +81,20 @@ def test_double_backprop_trains_the_head_above_a_frozen_backbone():
     assert all(p.grad is None for p in model.image_encoder.backbone.parameters())
 
 
+def test_the_map_passes_leave_batchnorm_statistics_unchanged():
+    model = _tiny_tirg(frozen=True).train()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    before = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.item()) for m in norms]
+    images, texts = torch.randn(2, 3, 32, 32), ["make it red", "add a cube"]
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[:, :8, :8] = True
+    mmgrad_attention_loss(model, images, texts, images.flip(0), masks, MMGradConfig()).backward()
+    assert norms and all(torch.equal(m.running_mean, mean) and torch.equal(m.running_var, var)
+                         and m.num_batches_tracked.item() == count for m, (mean, var, count) in zip(norms, before))
+    model.encode_queries(images, texts)  # an ordinary training pass does move them
+    assert not torch.equal(norms[0].running_mean, before[0][0])
+
+
 def test_double_backprop_reaches_lbf_on_grid_regions():
     config = load_config(None, ["model.name=lbf", "model.image_backbone=resnet18", "model.image_weights=null",
                                 "model.backbone_upto=layer2", "model.embed_dim=8", "model.freeze_backbone=true"])
