@@ -217,6 +217,8 @@ class LBF(CIRModel):
     def double_backward_blocker(self) -> str | None:
         if self.region_source.name == "grid":  # a fixed matrix (GridRegions.features), which has one
             return None
+        if self.region_source.name == "detector":
+            return "LBF with detector regions reads its features from files: there is no backbone map to explain"
         return (f'LBF with regions "{self.region_source.name}" pools with torchvision\'s roi_align, which has no '
                 "double backward: MMGrad training of LBF needs model.options.regions=grid")
 
