@@ -20,6 +20,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -54,17 +56,17 @@ def _tirg_steps(ctx: DistContext, global_batch: int, steps: int = 3) -> dict[str
     """A few SGD steps of a tiny TIRG (batch-classification loss); every rank draws the same global batch."""
     torch.manual_seed(0)
     config = load_config(None, TIRG)
-    model = create_model(config.model, Vocabulary.build(TEXTS)).eval()  # see the module docstring
+    model = create_model(config.model, Vocabulary.build(TEXTS)).eval().to(ctx.device)  # see the module docstring
     forward = ctx.wrap(TrainingForward(model))
     optimizer = build_optimizer(model, config)
     loss_fn = partial(compute_loss, "batch_classification", generator=torch.Generator())
     data = torch.Generator().manual_seed(1)
-    images = torch.randn(16, 3, 16, 16, generator=data)
+    images = torch.randn(16, 3, 16, 16, generator=data).to(ctx.device)
     for _ in range(steps):
         mine = ctx.shard(torch.randperm(16, generator=data)[:global_batch].tolist())
         train_step(forward, optimizer, grad_scaler(None, ctx.device), images[mine], [TEXTS[i % 5] for i in mine],
                    images[[(i + 1) % 16 for i in mine]], loss_fn, ctx)
-    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+    return {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
 
 
 def _run_settings(root: Path, iterations: int, batch_size: int) -> list[str]:
@@ -205,3 +207,40 @@ def test_mixed_precision_applies_on_cuda_only_and_names_a_bad_dtype():
     assert not grad_scaler(torch.bfloat16, cpu).is_enabled()  # only float16 needs loss scaling
     with pytest.raises(ValueError, match="train.amp_dtype must be one of bfloat16, float16, got 'float8'"):
         autocast_dtype(load_config(None, ["train.amp_dtype=float8"]).train, cpu)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize(("device", "backend"), [("cpu", "gloo"), pytest.param("cuda", "nccl", marks=CUDA)])
+def test_torchrun_with_one_process_joins_a_group_and_trains_like_no_group(monkeypatch, device, backend):
+    """`torchrun --nproc_per_node 1` goes through DDP and the collectives: how one GPU checks NCCL."""
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.setenv(name, "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    # _tirg_steps trains in eval mode (see the module docstring), where cuDNN's LSTM has no backward.
+    with torch.backends.cudnn.flags(enabled=False):
+        with process_group(device) as ctx:
+            assert ctx.distributed and torch.distributed.get_backend() == backend
+            grouped = _tirg_steps(ctx, global_batch=8)
+        assert not torch.distributed.is_initialized()
+        alone = _tirg_steps(DistContext(device=torch.device(device)), global_batch=8)
+    for name in alone:
+        torch.testing.assert_close(grouped[name], alone[name], atol=1e-6, rtol=0, msg=name)
+
+
+@CUDA
+def test_cli_training_under_one_nccl_rank_matches_plain_cuda_training(tiny_css, tmp_path):
+    """The whole `cirlab train` under torchrun on one GPU (NCCL, DDP, rank-0 checkpoints) against no torchrun."""
+    settings = [*_run_settings(tiny_css, iterations=4, batch_size=8), "train.device=cuda", "train.amp=false"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+               "-m", "cirlab", "train", *[f"--set={setting}" for setting in settings], "--out", str(tmp_path / "rank")]
+    subprocess.run(command, check=True, timeout=600)
+    train(load_config(None, settings), tmp_path / "plain", progress=False)
+    grouped = load_file(tmp_path / "rank" / "last" / "model.safetensors")
+    plain = load_file(tmp_path / "plain" / "last" / "model.safetensors")
+    assert grouped.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(grouped[name], plain[name], atol=1e-5, rtol=0, msg=name)

@@ -3,7 +3,9 @@
 `torchrun --nproc_per_node N -m cirlab ...` starts N copies of a command with RANK, LOCAL_RANK,
 WORLD_SIZE, MASTER_ADDR and MASTER_PORT set; `process_group` joins them (NCCL on CUDA, gloo on the
 CPU; process k uses GPU LOCAL_RANK) and yields a `DistContext`. Without those variables it yields a
-one-process context whose helpers are identities, so one code path serves both.
+one-process context whose helpers are identities, so one code path serves both. Under torchrun the group
+is joined even for one process: `--nproc_per_node 1` then runs DDP and the collectives of a larger run,
+which is how a machine with one GPU checks the NCCL path.
 
 Why N processes of batch B train exactly like one process of batch N*B:
 - every rank draws the same *global* batch of N*B queries (same sampler, same seed) and keeps its own
@@ -61,15 +63,17 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    joined: bool = False  # in a process group started by torchrun, possibly of one process
+
+    @property
+    def distributed(self) -> bool:
+        """Whether work goes through DDP and collectives: several processes, or a one-process group."""
+        return self.joined or self.world_size > 1
 
     @property
     def is_main(self) -> bool:
         """Rank 0: the one process that logs, evaluates and writes checkpoints and indexes."""
         return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
     def share(self, count: int) -> range:
         """This rank's contiguous part of `count` work items (sizes differ by at most one, may be empty)."""
@@ -174,13 +178,13 @@ def _env_int(name: str) -> int:
 def process_group(device: str = "auto") -> Iterator[DistContext]:
     """Join the process group torchrun describes in the environment, and leave it afterwards.
 
-    Without torchrun (no WORLD_SIZE, or 1) this is one process on `device` and nothing is set up.
+    Without torchrun (no WORLD_SIZE) this is one process on `device` and nothing is set up.
     """
     resolved = resolve_device(device)
-    world_size = _env_int("WORLD_SIZE") if "WORLD_SIZE" in os.environ else 1
-    if world_size == 1:
+    if "WORLD_SIZE" not in os.environ:
         yield DistContext(device=resolved)
         return
+    world_size = _env_int("WORLD_SIZE")
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
     if resolved.type == "cuda":
         resolved = torch.device("cuda", local_rank)
@@ -192,7 +196,7 @@ def process_group(device: str = "auto") -> Iterator[DistContext]:
         raise ValueError(f"distributed runs need a CUDA or CPU device, got {resolved}")
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
-        context = DistContext(rank, world_size, resolved)
+        context = DistContext(rank, world_size, resolved, joined=True)
         yield context
         context.barrier()  # no process leaves while rank 0 still writes what the others wait for
     finally:
