@@ -95,19 +95,27 @@ def test_the_map_passes_leave_batchnorm_statistics_unchanged():
     assert not torch.equal(norms[0].running_mean, before[0][0])
 
 
-def test_double_backprop_reaches_lbf_on_grid_regions():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_double_backprop_reaches_lbf_on_grid_regions_through_math_attention(device):
     config = load_config(None, ["model.name=lbf", "model.image_backbone=resnet18", "model.image_weights=null",
                                 "model.backbone_upto=layer2", "model.embed_dim=8", "model.freeze_backbone=true"])
     config.model.options = {"regions": "grid", "num_regions": 4, "width": 16, "heads": 2, "visual_layers": 1,
                             "text_layers": 1}
     torch.manual_seed(0)
-    model = create_model(config.model, Vocabulary.build(["make it red", "add a cube"]))
-    images = torch.randn(2, 3, 32, 32)
-    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    model = create_model(config.model, Vocabulary.build(["make it red", "add a cube"])).to(device)
+    # The fused CUDA attention kernels have no double backward (on a GPU the loss below failed with them).
+    fused_enabled = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.MultiheadAttention):
+            module.register_forward_pre_hook(lambda *_: fused_enabled.append(torch.backends.cuda.flash_sdp_enabled()))
+    images = torch.randn(2, 3, 32, 32, device=device)
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool, device=device)
     masks[:, :8, :8] = True
     loss = mmgrad_attention_loss(model, images, ["make it red", "add a cube"], images.flip(0), masks, MMGradConfig())
     loss.backward()
     assert loss.item() > 0 and model.region_projection[0].weight.grad.abs().sum() > 0
+    assert fused_enabled and not any(fused_enabled) and torch.backends.cuda.flash_sdp_enabled()  # restored after
 
 
 def test_detached_variant_reaches_only_a_trainable_backbone():

@@ -14,10 +14,11 @@ only through its gradient.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cirlab.config import MMGradConfig
 from cirlab.explain.gradcam import MMGRAD_SCALARS, SIDES, mmgrad, upsample_map
@@ -57,11 +58,17 @@ def batchnorm_statistics_kept(model: nn.Module) -> Iterator[None]:
                 setattr(module, name, buffer)
 
 
+def double_backward_attention(needed: bool) -> AbstractContextManager:
+    """Attention inside runs on PyTorch's math kernel when `needed`: the fused CUDA kernels (flash,
+    memory-efficient) have no double backward, the math kernel is made of ops that do."""
+    return sdpa_kernel(SDPBackend.MATH) if needed else nullcontext()
+
+
 def mmgrad_attention_loss(model: CIRModel, references: torch.Tensor, texts: list[str], targets: torch.Tensor,
                           masks: torch.Tensor, config: MMGradConfig) -> torch.Tensor:
     """L_att of one batch: the MMGrad maps of `config.side`, upsampled to the masks' size (B x H x W,
     bool) and min-max normalised, against the masks."""
-    with batchnorm_statistics_kept(model):
+    with batchnorm_statistics_kept(model), double_backward_attention(not config.detached):
         cams = mmgrad(model, references, texts, targets, scalar=config.scalar, side=config.side,
                       create_graph=not config.detached)
     return attention_loss(upsample_map(cams, tuple(masks.shape[-2:])), masks, config.loss)
