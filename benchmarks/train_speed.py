@@ -140,7 +140,8 @@ def profile_steps(run: Path, device: torch.device, steps: int, cache: dict[str, 
             with phase("optimizer", device):
                 optimizer.step()
     events = profiler.key_averages()
-    phases = {event.key: event.cpu_time_total for event in events if event.key in PHASES}
+    # On CUDA each phase is recorded twice, on the CPU and as a device annotation with no CPU time: add them.
+    phases = {key: sum(event.cpu_time_total for event in events if event.key == key) for key in PHASES}
     slowest = max(phases, key=phases.get)
     ops = [event for event in events if event.key not in PHASES and event.key.startswith("aten::")]
     self_time = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
