@@ -48,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--weight", type=float, default=1.0, help="lambda of the attention loss")
     parser.add_argument("--queries", type=int, default=1000, help="test queries scored for explanations")
     parser.add_argument("--recipe", choices=["cpu"], default="cpu")  # css_quality's helpers read it
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run, after the recipe's (e.g. train.amp=false)")
     return parser.parse_args()
 
 
@@ -66,7 +68,7 @@ def main() -> None:
         for model in args.models:
             for variant, extra in variants.items():
                 name = f"{model}-{variant}-seed{seed}"
-                config = load_config(config_path(args, model), recipe(args, model, seed) + extra)
+                config = load_config(config_path(args, model), recipe(args, model, seed) + extra + args.set)
                 started = time.perf_counter()
                 train(config, out / name, image_cache=cache, overwrite=True)
                 seconds = time.perf_counter() - started
@@ -85,10 +87,18 @@ def main() -> None:
                     baselines.setdefault(baseline, []).append(quality["maps"][baseline]["macro"])
                 print(f"{name}: R@1 {recall['R@1']:.1f}, " + ", ".join(
                     f"{NAMES[m]} {100 * quality['maps']['mmgrad']['macro'][m]:.1f}" for m in METRICS), flush=True)
+        # The table of the seeds done so far, so that a stopped run keeps them (the title names those seeds).
+        publish(out, table(args, data, args.seeds[:args.seeds.index(seed) + 1], runs, baselines),
+                {"runs": runs, "baselines": baselines, "args": vars(args)})
 
+
+def table(args: argparse.Namespace, data: Path, seeds: list[int], runs: dict[str, list[dict]],
+          baselines: dict[str, list[dict]]) -> str:
+    """The result table over `seeds` (the runs done so far), with its protocol, machine and command."""
     header = "| model | R@1 | " + " | ".join(NAMES[m] for m in METRICS) + " | train s/run |"
+    overrides = f"; overrides {', '.join(args.set)}" if args.set else ""
     lines = [f"Explanation quality on {data} (cpu recipe, {args.iterations} steps; attention loss weight "
-             f"{args.weight}, AMC margin form), mean ± std over seeds {args.seeds}", "", header,
+             f"{args.weight}, AMC margin form{overrides}), mean ± std over seeds {seeds}", "", header,
              "|---|" + "---:|" * (len(METRICS) + 2)]
     for name, results in runs.items():
         cells = [summarise([r["R@1"] for r in results])] + [summarise([100 * r[m] for r in results]) for m in METRICS]
@@ -100,7 +110,7 @@ def main() -> None:
               "sampled test queries per run; pointing-game tolerance 2 px at 64 px; metrics in percent, macro mean "
               "over the edit types add, remove, make", css_protocol(load_config(None, []).protocol).describe(),
               f"machine: {describe_machine()}", f"command: {command_line()}"]
-    publish(out, "\n".join(lines), {"runs": runs, "baselines": baselines, "args": vars(args)})
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
