@@ -4,7 +4,7 @@ as IoU at 0.5 against the generator's ground-truth masks of every image of a syn
 Masks missing from the cache (DATA/dominant_masks/SOURCE/) are computed first, as `cirlab data masks` does;
 cached ones are scored as they are. CLIPSeg needs local weights (--clipseg-weights), none install offline.
 
-    python benchmarks/mask_quality.py                                       # data/garments-full: none (uniform), saliency, oracle
+    python benchmarks/mask_quality.py                                       # data/garments-full: saliency, oracle
     python benchmarks/mask_quality.py --data data/garments-demo --sources saliency
     python benchmarks/mask_quality.py --sources clipseg --clipseg-weights PATH/clipseg-rd64-refined
 """
@@ -23,11 +23,13 @@ from machine import command_line, describe_machine, publish  # noqa: E402
 from cirlab.masks.build import build_masks  # noqa: E402
 from cirlab.masks.sources import MASK_SOURCES, create_mask_source  # noqa: E402
 
+COMPUTED_SOURCES = tuple(name for name in MASK_SOURCES if name != "none")  # "none" stores no masks
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/garments-full", help="a generated dataset with ground-truth masks")
-    parser.add_argument("--sources", nargs="+", choices=MASK_SOURCES, default=["none", "saliency", "oracle"])
+    parser.add_argument("--sources", nargs="+", choices=COMPUTED_SOURCES, default=["saliency", "oracle"])
     parser.add_argument("--clipseg-weights", help="local folder of a CLIPSeg model and its processor")
     parser.add_argument("--out", default="runs/bench-mask-quality", help="results.md and results.json go here")
     return parser.parse_args()
