@@ -137,7 +137,8 @@ def test_detached_variant_reaches_only_a_trainable_backbone():
 @pytest.mark.parametrize("key, value, message", [
     ("loss", "hinge", "unknown train.mmgrad.loss"),
     ("scalar", "cosine", "unknown train.mmgrad.scalar"),
-    ("weight", -1.0, "must be >= 0"),
+    ("weight", -1.0, "weight must be >= 0"),
+    ("start_step", -1, "start_step must be >= 0"),
 ])
 def test_bad_mmgrad_settings_are_refused(key, value, message):
     with pytest.raises(ValueError, match=message):
@@ -167,6 +168,15 @@ def test_training_with_the_attention_loss_logs_it_and_eval_reports_explanations(
     assert main(["eval", str(tmp_path / "run" / "best"), "--explain", "12", "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again.json").read_text())["explanations"]
     assert again == quality
+
+
+def test_the_attention_loss_joins_at_its_start_step(tiny_css, tmp_path):
+    config = load_config(None, [f"data.root={tiny_css}", *FROZEN, "train.mmgrad.weight=1.0",
+                                "train.mmgrad.start_step=2"])
+    train(config, tmp_path / "run", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r.get("attention_loss") for r in records if "loss" in r}
+    assert logged[1] is None and logged[2] is None and logged[3] > 0
 
 
 def test_lbf_on_per_image_boxes_is_refused_before_any_work(tiny_css, tmp_path):

@@ -85,6 +85,9 @@ class MMGradConfig:
     # Detached: the Grad-CAM weights are constants (no double backpropagation, cheaper); the loss
     # then reaches the model only through the feature map, so it needs a trainable backbone.
     detached: bool = False
+    # The attention loss joins at this step (0: from the first). A warm-up lets the retrieval embedding
+    # form before its maps are steered.
+    start_step: int = 0
 
 
 @dataclass

@@ -341,15 +341,16 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         references = images.batch([q.reference for q in batch], device)
         targets = images.batch([q.target for q in batch], device)
         texts = [q.text for q in batch]
-        step_loss = loss_fn if attention is None else attention.adding_to(loss_fn, model, batch, references, texts,
-                                                                          targets, pixels, device)
+        attending = attention is not None and step >= attention.config.start_step
+        step_loss = attention.adding_to(loss_fn, model, batch, references, texts, targets, pixels,
+                                        device) if attending else loss_fn
         loss = train_step(forward, optimizer, scaler, references, texts, targets, step_loss, ctx)
         done = step + 1
         if ctx.is_main and (done % config.train.log_every == 0 or done == config.train.iterations):
             bar.set_postfix(loss=f"{loss.item():.3f}")
             log.write({"step": done, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
                        "seconds": round(time.perf_counter() - started, 4),  # a GPU step is milliseconds
-                       **({"attention_loss": attention.last} if attention is not None else {})})
+                       **({"attention_loss": attention.last} if attending else {})})
         checkpointing = done % config.train.eval_every == 0 or done == config.train.iterations
         # Gathering every rank's RNG states (for an exact resume) is a collective: all ranks take part.
         rng_states = ctx.gather_states(_rng_tensors(triplet_rng, device)) if checkpointing else {}

@@ -34,6 +34,8 @@ def check_mmgrad_config(config: MMGradConfig, frozen_backbone: bool) -> None:
             raise ValueError(f"unknown train.mmgrad.{name} {value!r} (known: {', '.join(known)})")
     if config.weight < 0:
         raise ValueError(f"train.mmgrad.weight must be >= 0, got {config.weight}")
+    if config.start_step < 0:
+        raise ValueError(f"train.mmgrad.start_step must be >= 0, got {config.start_step}")
     if config.detached and frozen_backbone:
         raise ValueError("train.mmgrad.detached needs a trainable backbone: with a frozen one the detached "
                          "attention loss has no path to any trained weight (use the default double backprop)")
