@@ -4,7 +4,7 @@ On the `full` synthetic CSS, each model is trained with the CPU recipe of css_qu
 seed: plainly, and with the MMGrad attention loss (`train.mmgrad.weight`, AMC margin form, masks from
 the generator's edit regions). Reported per run: test R@1 (full test split) and, on a fixed sample
 of test queries, the MMGrad map's pointing game, energy in mask and PxAP (macro over edit types),
-beside the random and centre-prior maps, which need no model.
+beside the random and centre-prior maps, which need no model; a second table splits them by edit type.
 
     python benchmarks/explain_quality.py                                 # tirg, 3 seeds, 3000 steps
     python benchmarks/explain_quality.py --seeds 0 --iterations 300      # quick look
@@ -35,6 +35,7 @@ from cirlab.explain.quality import explanation_quality  # noqa: E402
 from cirlab.explain.supervision import EditMasks  # noqa: E402
 from cirlab.train import BEST, train  # noqa: E402
 
+EDIT_TYPES = ("add", "remove", "make")  # CSS's edit types, in the order the notes list them
 NAMES = {"pointing_game": "pointing game", "energy_in_mask": "energy in mask", "pxap": "PxAP"}
 
 
@@ -81,15 +82,19 @@ def main() -> None:
                 quality = explanation_quality(net, test_split.queries, images, masks, device, count=args.queries,
                                               seed=seed)
                 runs.setdefault(f"{model} {variant}", []).append(
-                    {"R@1": recall["R@1"], **quality["maps"]["mmgrad"]["macro"], "seconds": seconds,
-                     "per_edit": quality["maps"]["mmgrad"]})
+                    {"R@1": recall["R@1"], "seconds": seconds, "per_edit": quality["maps"]["mmgrad"]})
                 for baseline in ("random", "centre_prior"):
-                    baselines.setdefault(baseline, []).append(quality["maps"][baseline]["macro"])
+                    baselines.setdefault(baseline, []).append(quality["maps"][baseline])
                 print(f"{name}: R@1 {recall['R@1']:.1f}, " + ", ".join(
                     f"{NAMES[m]} {100 * quality['maps']['mmgrad']['macro'][m]:.1f}" for m in METRICS), flush=True)
         # The table of the seeds done so far, so that a stopped run keeps them (the title names those seeds).
         publish(out, table(args, data, args.seeds[:args.seeds.index(seed) + 1], runs, baselines),
                 {"runs": runs, "baselines": baselines, "args": vars(args)})
+
+
+def metric_cells(summaries: list[dict], edit: str) -> list[str]:
+    """Mean ± std over runs of each metric (in percent) of one edit type of `explain.metrics.summarise`."""
+    return [summarise([100 * summary[edit][m] for summary in summaries]) for m in METRICS]
 
 
 def table(args: argparse.Namespace, data: Path, seeds: list[int], runs: dict[str, list[dict]],
@@ -101,11 +106,17 @@ def table(args: argparse.Namespace, data: Path, seeds: list[int], runs: dict[str
              f"{args.weight}, AMC margin form{overrides}), mean ± std over seeds {seeds}", "", header,
              "|---|" + "---:|" * (len(METRICS) + 2)]
     for name, results in runs.items():
-        cells = [summarise([r["R@1"] for r in results])] + [summarise([100 * r[m] for r in results]) for m in METRICS]
+        cells = [summarise([r["R@1"] for r in results])] + metric_cells([r["per_edit"] for r in results], "macro")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(r['seconds'] for r in results):.0f} |")
-    for baseline, results in baselines.items():
-        cells = ["-"] + [summarise([100 * r[m] for r in results]) for m in METRICS]
-        lines.append(f"| {baseline} map | " + " | ".join(cells) + " | - |")
+    for baseline, summaries in baselines.items():
+        lines.append(f"| {baseline} map | - | " + " | ".join(metric_cells(summaries, "macro")) + " | - |")
+    lines += ["", "Per edit type (same runs and queries):", "",
+              "| map | edit | " + " | ".join(NAMES[m] for m in METRICS) + " |", "|---|---|" + "---:|" * len(METRICS)]
+    maps = {name: [r["per_edit"] for r in results] for name, results in runs.items()}
+    maps |= {f"{baseline} map": summaries for baseline, summaries in baselines.items()}
+    for name, summaries in maps.items():
+        for edit in EDIT_TYPES:
+            lines.append(f"| {name} | {edit} | " + " | ".join(metric_cells(summaries, edit)) + " |")
     lines += ["", f"explanations: MMGrad (diff_thresh scalar) on the reference image, in eval mode; {args.queries} "
               "sampled test queries per run; pointing-game tolerance 2 px at 64 px; metrics in percent, macro mean "
               "over the edit types add, remove, make", css_protocol(load_config(None, []).protocol).describe(),
