@@ -35,7 +35,6 @@ from cirlab.explain.quality import explanation_quality  # noqa: E402
 from cirlab.explain.supervision import EditMasks  # noqa: E402
 from cirlab.train import BEST, train  # noqa: E402
 
-EDIT_TYPES = ("add", "remove", "make")  # CSS's edit types, in the order the notes list them
 NAMES = {"pointing_game": "pointing game", "energy_in_mask": "energy in mask", "pxap": "PxAP"}
 
 
@@ -116,7 +115,7 @@ def table(args: argparse.Namespace, data: Path, seeds: list[int], runs: dict[str
     maps = {name: [r["per_edit"] for r in results] for name, results in runs.items()}
     maps |= {f"{baseline} map": summaries for baseline, summaries in baselines.items()}
     for name, summaries in maps.items():
-        for edit in EDIT_TYPES:
+        for edit in (key for key in summaries[0] if key not in ("overall", "macro")):
             lines.append(f"| {name} | {edit} | " + " | ".join(metric_cells(summaries, edit)) + " |")
     lines += ["", f"explanations: MMGrad (diff_thresh scalar) on the reference image, in eval mode; {args.queries} "
               "sampled test queries per run; pointing-game tolerance 2 px at 64 px; metrics in percent, macro mean "
