@@ -12,9 +12,9 @@ from test_cirr import VAL_SCORES
 from cirlab.cli import main
 from cirlab.config import ConfigError, load_config
 from cirlab.data.benchmarks import load_benchmark
-from cirlab.data.tensors import image_tensor, square_image
 from cirlab.encoders.text import LSTMTextEncoder, Vocabulary
 from cirlab.evaluate import evaluate_evalset
+from cirlab.images import fit_image, image_tensor
 from cirlab.models.base import CIRModel
 from cirlab.train import train
 
@@ -46,10 +46,10 @@ def test_a_protocol_choice_the_benchmark_lacks_is_refused(tmp_path):
         load_benchmark(config)
 
 
-def test_square_image_resizes_the_shorter_side_then_crops_the_centre():
+def test_fit_image_resizes_the_shorter_side_then_crops_the_centre():
     image = Image.new("RGB", (40, 20), (255, 0, 0))
     image.paste((0, 0, 255), (0, 0, 4, 20))  # a blue strip at the left edge
-    square = square_image(image, 10)
+    square = fit_image(image, 10)
     assert square.size == (10, 10)
     # 40x20 -> 20x10; the centre crop keeps columns 5..14 of the resized image: red only
     assert np.asarray(square)[:, :, 0].min() == 255

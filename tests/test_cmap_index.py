@@ -10,9 +10,8 @@ from PIL import Image
 
 from cirlab.checkpoint import load_checkpoint, save_checkpoint
 from cirlab.config import load_config
-from cirlab.data.css import load_image
-from cirlab.data.tensors import image_tensor
 from cirlab.encoders.text import Vocabulary
+from cirlab.images import image_tensor, load_image
 from cirlab.index.build import build_index, list_images, search_index
 from cirlab.index.faiss_index import FaissIndex
 from cirlab.models.registry import create_model
@@ -73,7 +72,9 @@ def test_a_removed_image_leaves_the_exact_ranking(indexed, tmp_path):
         before = search_index(index, model, "g00.png", TEXT, k=11)
         index.remove([before[0][0]])  # not committed: the shared index stays as it was
         after = search_index(index, model, "g00.png", TEXT, k=10)
-    assert after == before[1:]
+    # the scoring batches differ after a removal, so scores match to float tolerance, not bit for bit
+    assert [name for name, _ in after] == [name for name, _ in before[1:]]
+    np.testing.assert_allclose([score for _, score in after], [score for _, score in before[1:]], rtol=1e-5)
 
 
 def test_the_api_returns_the_exact_ranking_and_declines_heat_maps(indexed):

@@ -23,12 +23,12 @@ from cirlab.data.css import (
     CSSSplit,
     generate_css,
     load_css,
-    load_image,
     object_mask,
     render_scene,
 )
 from cirlab.data.errors import DataFormatError
 from cirlab.data.regions import mask_box, read_edit_regions
+from cirlab.images import load_image
 
 CENTRE = (0.5, 0.5)  # pixel (32, 32) at 64 px
 

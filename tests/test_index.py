@@ -11,10 +11,9 @@ from PIL import Image
 import cirlab.index.build as build_module
 from cirlab.checkpoint import load_checkpoint, save_checkpoint
 from cirlab.config import load_config
-from cirlab.data.css import load_image
 from cirlab.data.errors import DataFormatError
-from cirlab.data.tensors import image_tensor
 from cirlab.encoders.text import Vocabulary
+from cirlab.images import image_tensor, load_image
 from cirlab.index.base import Index, IndexFormatError, IndexMismatchError, UnknownImageError
 from cirlab.index.build import build_index, embed_batch, model_identity, search_index
 from cirlab.index.faiss_index import FaissIndex

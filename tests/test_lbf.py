@@ -8,7 +8,7 @@ import torch
 
 from cirlab.checkpoint import load_checkpoint
 from cirlab.config import ModelConfig, load_config
-from cirlab.data.css import load_image, object_mask, render_scene
+from cirlab.data.css import object_mask, render_scene
 from cirlab.data.regions import mask_box
 from cirlab.data.tensors import PixelImages
 from cirlab.encoders.regions import (
@@ -25,6 +25,7 @@ from cirlab.encoders.regions import (
     write_region_file,
 )
 from cirlab.encoders.text import Vocabulary
+from cirlab.images import load_image
 from cirlab.index.build import build_index, list_images, search_index
 from cirlab.models.lbf import LBF
 from cirlab.models.registry import create_model

@@ -12,8 +12,9 @@ from PIL import Image
 
 from cirlab.cli import main
 from cirlab.data.garments import generate_garments
-from cirlab.data.tensors import CachedMaps, PixelImages, square_image
+from cirlab.data.tensors import CachedMaps, PixelImages
 from cirlab.encoders.image import ImageEncoder, create_backbone
+from cirlab.images import fit_image
 from cirlab.masks.batches import MaskedBatch, attach_masks, mask_images
 from cirlab.masks.build import build_masks, dataset_images
 from cirlab.masks.cache import MANIFEST, MaskCache
@@ -108,7 +109,7 @@ def test_attached_masks_follow_the_images_preprocessing(garments):
     images = attach_masks(model, pixels, pixels, paths, garments, progress=False)
     batch = images.batch([2, 0])
     assert isinstance(batch, MaskedBatch) and batch.images.shape == batch.masks.shape == (2, 3, 32, 32)
-    truths = [np.asarray(square_image(Image.open(ground_truth_path(garments, path)), 32).convert("L"))
+    truths = [np.asarray(fit_image(Image.open(ground_truth_path(garments, path)), 32).convert("L"))
               for path in paths]
     expected = mask_images(torch.from_numpy(np.stack(truths))[:, None])
     torch.testing.assert_close(batch.masks, expected[[2, 0]], rtol=0, atol=0)

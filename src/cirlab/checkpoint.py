@@ -1,7 +1,8 @@
 """Checkpoints: safetensors for tensors, JSON for everything else, never pickle.
 
 A checkpoint folder holds `model.safetensors`, `config.json` (the resolved run config) and
-`vocab.json`; a resumable one adds `trainer.safetensors` (optimizer buffers, torch RNG state)
+`vocab.json` and `preprocessing.json` (the input size and steps every image goes through, see
+`cirlab.images`); a resumable one adds `trainer.safetensors` (optimizer buffers, torch RNG state)
 and `trainer.json` (step, optimizer hyper-parameters, sampler RNG state, best score so far).
 A folder is written under a temporary name and renamed into place, so a crash never leaves a
 half-written checkpoint behind.
@@ -22,11 +23,16 @@ from safetensors.torch import load_file, save_file
 
 from cirlab.config import Config, load_config
 from cirlab.encoders.text import Vocabulary
+from cirlab.images import as_size
 from cirlab.models.base import CIRModel
 from cirlab.models.registry import create_model
 
 MODEL_FILE, CONFIG_FILE, VOCAB_FILE = "model.safetensors", "config.json", "vocab.json"
 TRAINER_TENSORS, TRAINER_JSON = "trainer.safetensors", "trainer.json"
+PREPROCESSING_FILE = "preprocessing.json"
+# What `cirlab.images.fit_image` and `normalise` do, written beside the size for a reader of the checkpoint.
+PREPROCESSING_STEPS = ["decode to upright RGB (EXIF orientation, first frame, transparency on white)",
+                       "bicubic scale to cover size, centre crop", "ImageNet mean/std normalisation"]
 
 
 class CheckpointError(ValueError):
@@ -90,6 +96,8 @@ def save_checkpoint(folder: Path, model: CIRModel, config: Config, vocab: Vocabu
     save_file(weights, staging / MODEL_FILE)
     _write_json(staging / CONFIG_FILE, config.to_dict())
     _write_json(staging / VOCAB_FILE, vocab.to_list())
+    size = None if model.image_size is None else list(model.image_size)
+    _write_json(staging / PREPROCESSING_FILE, {"size": size, "steps": PREPROCESSING_STEPS})
     if trainer_tensors is not None:
         save_file(trainer_tensors, staging / TRAINER_TENSORS)
     if trainer_state is not None:
@@ -110,6 +118,22 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: cannot read ({error})") from error
 
 
+def _input_size(folder: Path, config: Config) -> tuple[int, int] | None:
+    """The (height, width) the model was trained at: recorded, or for older checkpoints data.image_size."""
+    if (folder / PREPROCESSING_FILE).is_file():
+        recorded = _read_json(folder / PREPROCESSING_FILE)
+        try:
+            return as_size(recorded["size"])
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise CheckpointError(f"{folder / PREPROCESSING_FILE}: no valid 'size' ({error!r})") from None
+    if config.data.image_size is None:
+        # written before the native size was recorded: guessing it would feed photos at a wrong size
+        raise CheckpointError(
+            f"{folder}: trained at the images' native size, which older checkpoints do not record; "
+            f"write it as {{\"size\": [HEIGHT, WIDTH]}} to {folder / PREPROCESSING_FILE} (64 x 64 for CSS)")
+    return as_size(config.data.image_size)
+
+
 def load_checkpoint(folder: Path, overrides: list[str] | None = None) -> Checkpoint:
     """Rebuild the model of a checkpoint folder (with its own config, plus optional overrides)."""
     folder = Path(folder)
@@ -120,7 +144,7 @@ def load_checkpoint(folder: Path, overrides: list[str] | None = None) -> Checkpo
     vocab = Vocabulary.from_list(_read_json(folder / VOCAB_FILE))
     # The backbone's and word vectors' weights come from the checkpoint itself, never from a path or package.
     model = create_model(dataclasses.replace(config.model, image_weights=None, text_weights=None), vocab)
-    model.image_size = config.data.image_size
+    model.image_size = _input_size(folder, config)
     try:
         model.load_state_dict(load_file(folder / MODEL_FILE))
     except (RuntimeError, OSError) as error:

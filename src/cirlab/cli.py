@@ -91,8 +91,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate_checkpoint(Path(args.checkpoint), args.set, explain_queries=args.explain_queries,
                                  explain_method=args.explain_method)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{result['split']}"
-    print(write_result(result, out))
-    print(f"wrote {out}.json and {out}.md")
+    table, (json_path, markdown_path) = write_result(result, out)
+    print(table)
+    print(f"wrote {json_path} and {markdown_path}")
 
 
 def _cmd_index_build(args: argparse.Namespace) -> None:
@@ -139,7 +140,7 @@ def _cmd_index_info(args: argparse.Namespace) -> None:
 
 def _cmd_search(args: argparse.Namespace) -> None:
     from cirlab.checkpoint import load_checkpoint
-    from cirlab.data.css import load_image
+    from cirlab.images import load_image
     from cirlab.index.build import model_identity, open_index, recorded_checkpoint, search_index
 
     _require_text(args.text)
@@ -167,12 +168,12 @@ def _write_explanation(model: CIRModel, reference: Image.Image, text: str, targe
                        method: str = "mmgrad",
                        side: str = "reference", scale: int = 4) -> None:
     """The heat-map overlay of `method` on the `side` image, written atomically to `out` (PNG)."""
-    from cirlab.data.tensors import square_image
     from cirlab.explain.overlay import explain_pair, heatmap_overlay
     from cirlab.files import atomic_write_bytes, png_bytes
+    from cirlab.images import fit_image
 
     saliency = explain_pair(model, reference, text, target, method=method, side=side)
-    explained = square_image(reference if side == "reference" else target, model.image_size)
+    explained = fit_image(reference if side == "reference" else target, model.image_size)
     atomic_write_bytes(out, png_bytes(heatmap_overlay(explained, saliency, scale=scale)))
     row, col = divmod(int(saliency.argmax()), saliency.shape[1])
     print(f"wrote {out} ({method} on the {side} image; hottest pixel at row {row}, column {col})")
@@ -180,7 +181,7 @@ def _write_explanation(model: CIRModel, reference: Image.Image, text: str, targe
 
 def _cmd_explain(args: argparse.Namespace) -> None:
     from cirlab.checkpoint import load_checkpoint
-    from cirlab.data.css import load_image
+    from cirlab.images import load_image
 
     _require_text(args.text)
     reference, target = load_image(Path(args.image)), load_image(Path(args.target))
@@ -290,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default 1000); needs the edit regions of a generated CSS dataset")
     evaluate.add_argument("--explain-method", choices=["mmgrad", "gradcam"], default="mmgrad")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    evaluate.add_argument("--out", help="output path without extension (default: RUN/eval-SPLIT)")
+    evaluate.add_argument("--out", help="output path; .json and .md are written beside each other, a given .json or .md suffix is kept "
+                          "(default: RUN/eval-SPLIT)")
     evaluate.add_argument("--submission", metavar="DIR", help="CIRR: write the two test-server files "
                           "(recall_submission_RUN.json, recall_subset_submission_RUN.json) of protocol.split "
                           "(default test1) to DIR instead of scoring")

@@ -308,13 +308,21 @@ def evaluate_checkpoint(folder: Path, overrides: list[str] | None = None, progre
     return result
 
 
-def write_result(result: dict[str, Any], out: Path) -> str:
-    """`out`.json (everything) and `out`.md (the table and its protocol), each written atomically;
-    returns the table."""
+def result_paths(out: Path) -> tuple[Path, Path]:
+    """The .json and .md files for `--out`: a given .json or .md suffix is honoured, any other dot is kept
+    (`x.json` -> x.json and x.md; `run.v2` -> run.v2.json and run.v2.md)."""
+    stem = out.with_suffix("") if out.suffix in (".json", ".md") else out
+    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")
+
+
+def write_result(result: dict[str, Any], out: Path) -> tuple[str, tuple[Path, Path]]:
+    """The result as JSON (everything) and markdown (the table and its protocol) at `result_paths(out)`,
+    each written atomically; returns the table and the two paths."""
     table = markdown_table({result["config"]["model"]["name"]: result["metrics"]}, result["protocol_text"])
     if "explanations" in result:
         table += "\n\n" + explanation_table(result["explanations"])
+    paths = result_paths(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", table + "\n")):
-        atomic_write_text(out.with_suffix(suffix), text)
-    return table
+    for path, text in zip(paths, (json.dumps(result, indent=2), table + "\n"), strict=True):
+        atomic_write_text(path, text)
+    return table, paths

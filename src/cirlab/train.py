@@ -35,6 +35,7 @@ from cirlab.encoders.text import Vocabulary
 from cirlab.evaluate import css_protocol, evaluate_split
 from cirlab.explain.supervision import EditMasks, edit_masks, pixel_difference_masks
 from cirlab.explain.training import check_mmgrad_config, mmgrad_attention_loss
+from cirlab.images import as_size
 from cirlab.losses import batch_classification_loss, sample_soft_triplets, soft_triplet_loss
 from cirlab.masks.batches import attach_masks
 from cirlab.models.base import CIRModel
@@ -291,6 +292,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             config.model.map_size = _backbone_map_size(config, pixels)
         vocab = Vocabulary.build(q.text for q in train_split.queries)
         model = create_model(config.model, vocab)
+        # recorded in the checkpoint: a null data.image_size means "the native size", fixed here once
+        model.image_size = as_size(config.data.image_size) or tuple(pixels.pixels.shape[-2:])
     model.to(device)
     prepare_model(model, config.train, device)
     attention = _attention_setup(config, ctx, model)  # refuses impossible settings before any caching

@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cirlab.data.cirr import check_cirr
-from cirlab.data.css import EDIT_REGIONS_3D_FILE, IMAGES_3D_DIR, IMAGES_DIR, load_css, load_image
+from cirlab.data.css import EDIT_REGIONS_3D_FILE, IMAGES_3D_DIR, IMAGES_DIR, load_css
 from cirlab.data.errors import DataFormatError
 from cirlab.data.fashion200k import check_fashion200k
 from cirlab.data.fashioniq import check_fashioniq
@@ -16,6 +16,7 @@ from cirlab.data.folder import check_folder
 from cirlab.data.mitstates import check_mitstates
 from cirlab.data.regions import EDIT_REGIONS_FILE, read_edit_regions
 from cirlab.data.shoes import check_shoes
+from cirlab.images import load_image
 
 
 def check_css(root: Path) -> list[str]:

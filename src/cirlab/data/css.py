@@ -121,18 +121,6 @@ def object_mask(obj: dict, image_size: int = 64) -> np.ndarray:
     return mask
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open and fully decode an image, so truncated or corrupt files fail here, naming the file."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except FileNotFoundError:
-        raise DataFormatError(f"{path}: missing image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DataFormatError(f"{path}: corrupt or unreadable image ({error})") from None
-
-
 # ---------------------------------------------------------------------------------------------
 # Generator
 # ---------------------------------------------------------------------------------------------

@@ -16,45 +16,12 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from cirlab.acceleration import to_device
-from cirlab.data.css import load_image
-from cirlab.encoders.image import IMAGENET_MEAN, IMAGENET_STD, ImageEncoder
+from cirlab.encoders.image import ImageEncoder
 from cirlab.encoders.multilevel import LevelMaps, MultiLevelImageEncoder
-
-_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-
-
-def normalise(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (B x 3 x H x W, any device) -> floats in [0, 1], ImageNet mean/std normalised."""
-    floats = pixels.float().div_(255)
-    return (floats - _MEAN.to(floats.device)) / _STD.to(floats.device)
-
-
-def square_image(image: Image.Image, size: int | None) -> Image.Image:
-    """RGB, the shorter side resized to `size` and the centre cropped to size x size (None: unchanged).
-
-    Evaluation-style preprocessing (as torchvision's Resize + CenterCrop): what the model sees at
-    training, evaluation, indexing and search time alike."""
-    image = image.convert("RGB")
-    if size is None or image.size == (size, size):
-        return image
-    if size < 1:
-        raise ValueError(f"image size must be a positive number of pixels, got {size}")
-    scale = size / min(image.size)
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    resized = image.resize((width, height), Image.Resampling.BICUBIC)
-    left, top = (width - size) // 2, (height - size) // 2
-    return resized.crop((left, top, left + size, top + size))
-
-
-def image_tensor(image: Image.Image, size: int | None = None) -> torch.Tensor:
-    """One PIL image as a model-ready 3 x H x W tensor (the same preprocessing as `PixelImages`)."""
-    pixels = torch.from_numpy(np.asarray(square_image(image, size)).copy()).permute(2, 0, 1)
-    return normalise(pixels[None])[0]
+from cirlab.images import fit_image, load_image, normalise
 
 
 class ImageBatches(Protocol):
@@ -80,7 +47,7 @@ class PixelImages:
         workers = workers or default_decode_workers()
 
         def decode(path: Path) -> np.ndarray:
-            return np.asarray(square_image(load_image(path), size))
+            return np.asarray(fit_image(load_image(path), size))
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             arrays = list(tqdm(pool.map(decode, paths), total=len(paths), desc="decoding images", unit="img",

@@ -12,9 +12,6 @@ from torchvision.models import resnet18, resnet50
 
 from cirlab.encoders.efficientnet_lite import EfficientNetLite0, default_weights_path
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
 # Output channels of each ResNet stage: the trunk ends a backbone can be cut at.
 RESNET_ENDS: dict[str, dict[str, int]] = {
     "resnet18": {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},

@@ -46,8 +46,8 @@ from torchvision.ops import box_iou, roi_align
 from tqdm import tqdm
 
 from cirlab.data.tensors import ImageBatches, PixelImages
-from cirlab.encoders.image import IMAGENET_MEAN, IMAGENET_STD
 from cirlab.files import atomic_write_bytes
+from cirlab.images import IMAGENET_MEAN, IMAGENET_STD
 
 REGION_SOURCES: tuple[str, ...] = ("grid", "proposals", "boxes", "detector")
 REGION_CACHE = ".cirlab-cache"   # the proposal cache folder under a dataset root

@@ -6,8 +6,8 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
-from cirlab.data.tensors import image_tensor, square_image
 from cirlab.explain.gradcam import method_scalar, mmgrad, upsample_map
+from cirlab.images import fit_image, image_tensor
 from cirlab.models.base import CIRModel
 
 
@@ -16,13 +16,13 @@ def explain_pair(model: CIRModel, reference: Image.Image, text: str, target: Ima
     """Saliency in [0, 1] at the explained image's size (H x W), in eval mode.
 
     `gradcam` explains the retrieval score itself; `mmgrad` the default text-conditioned scalar.
-    For a model trained on resized, centre-cropped images the map covers that crop (`square_image`).
+    For a model trained on resized, centre-cropped images the map covers that crop (`fit_image`).
     """
     scalar = method_scalar(method)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    reference, target = square_image(reference, model.image_size), square_image(target, model.image_size)
+    reference, target = fit_image(reference, model.image_size), fit_image(target, model.image_size)
     try:
         cam = mmgrad(model, image_tensor(reference)[None].to(device), [text], image_tensor(target)[None].to(device),
                      scalar=scalar, side=side)

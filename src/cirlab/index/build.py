@@ -28,9 +28,8 @@ from tqdm import tqdm
 
 from cirlab.acceleration import to_device
 from cirlab.checkpoint import CONFIG_FILE, MODEL_FILE, CheckpointError, load_checkpoint
-from cirlab.data.css import load_image
-from cirlab.data.tensors import image_tensor
 from cirlab.distributed import DistContext
+from cirlab.images import image_tensor, load_image
 from cirlab.index.base import Index, IndexFormatError, IndexMismatchError, IndexStoreError, UnknownImageError
 from cirlab.index.store import DB_FILE, connect, read_meta
 from cirlab.models.base import CIRModel

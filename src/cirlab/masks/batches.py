@@ -22,7 +22,8 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from cirlab.data.tensors import CachedMaps, ImageBatches, PixelImages, normalise, square_image
+from cirlab.data.tensors import CachedMaps, ImageBatches, PixelImages
+from cirlab.images import fit_image, normalise
 from cirlab.masks.build import ensure_masks
 from cirlab.masks.cache import MaskCache
 from cirlab.masks.sources import MaskSource
@@ -98,7 +99,7 @@ class MaskedImages:
 
 def _fitted(mask: np.ndarray, image: Path, height: int, width: int) -> np.ndarray:
     """`mask` (at its image's size) preprocessed as its image was for the model: as is, or resized and
-    centre-cropped to height x width like `square_image`."""
+    centre-cropped to height x width like `fit_image`."""
     with Image.open(image) as opened:
         size = opened.size
     if mask.shape != (size[1], size[0]):
@@ -108,7 +109,7 @@ def _fitted(mask: np.ndarray, image: Path, height: int, width: int) -> np.ndarra
         return mask
     if height != width:
         raise ValueError(f"the model sees {image} at {width} x {height}, which no square resize gives")
-    return np.asarray(square_image(Image.fromarray(mask), height).convert("L"))
+    return np.asarray(fit_image(Image.fromarray(mask), height).convert("L"))
 
 
 def _cache_for(source: MaskSource, image: Path, data_root: Path | None) -> MaskCache:

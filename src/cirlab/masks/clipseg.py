@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cirlab.data.css import load_image
+from cirlab.images import load_image
 from cirlab.masks.sources import MaskSource
 
 DEFAULT_PROMPT = "the main object"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cirlab.data.css import load_image
+from cirlab.images import load_image
 from cirlab.masks.cache import read_mask
 from cirlab.masks.saliency import SALIENCY_VERSION, WORK_SIZE, saliency_mask
 

@@ -38,10 +38,11 @@ class ScaledNormalization(nn.Module):
 class CIRModel(nn.Module, metaclass=ABCMeta):
     """Base class: a query side, a target side and an exact score between them."""
 
-    # The square side images are resized and centre-cropped to before they reach the model (the
-    # run's data.image_size; None = as they are). Set when a checkpoint is loaded, so indexing,
-    # search and explanations preprocess exactly as training did.
-    image_size: int | None = None
+    # The (height, width) every image is scaled and centre-cropped to before it reaches the model
+    # (`cirlab.images.fit_image`): the run's data.image_size, or the training images' native size when
+    # that is null. Set by training and recorded in the checkpoint, so indexing, search, explanations
+    # and the server preprocess any photo exactly as training did. None: images pass as they are.
+    image_size: tuple[int, int] | None = None
 
     def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:
         super().__init__()

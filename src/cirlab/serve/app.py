@@ -11,7 +11,6 @@ name types local to `create_app` (their limits are arguments of it).
 """
 
 import asyncio
-import io
 import math
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,11 +30,10 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cirlab.checkpoint import load_checkpoint
-from cirlab.data.css import load_image
 from cirlab.data.errors import DataFormatError
-from cirlab.data.tensors import square_image
 from cirlab.explain.overlay import explain_pair, heatmap_overlay
 from cirlab.files import png_bytes
+from cirlab.images import ImageDecodeError, decode_image, fit_image, load_image
 from cirlab.index.base import Index
 from cirlab.index.build import model_identity, open_index, search_index
 from cirlab.models.base import CIRModel
@@ -176,22 +174,15 @@ async def _upload_bytes(image: UploadFile | None, image_id: str | None, limit: i
 
 
 def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode an uploaded image in memory, checking its pixel count from the header before decoding."""
+    """Decode an uploaded image in memory (`cirlab.images.decode_image`): 413 over the pixel limit, else 400."""
     try:
-        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as image:
-            if image.width * image.height > max_pixels:
-                raise HTTPException(413, f"image upload is {image.width} x {image.height} pixels, more than "
-                                         f"the limit of {max_pixels} pixels")
-            return image.convert("RGB")
-    except Image.DecompressionBombError as error:
-        raise HTTPException(413, f"image upload has too many pixels ({error})") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise HTTPException(400, f"image upload is not a readable {'/'.join(UPLOAD_FORMATS)} image "
-                                 f"({error})") from None
+        return decode_image(data, max_pixels, UPLOAD_FORMATS)
+    except ImageDecodeError as error:
+        raise HTTPException(413 if error.too_large else 400, str(error)) from None
 
 
 def thumbnail_png(path: Path, size: int = THUMB_PX) -> bytes:
-    image = load_image(path).convert("RGB")
+    image = load_image(path)
     image.thumbnail((size, size))  # keeps the aspect ratio and never enlarges
     return png_bytes(image)
 
@@ -291,7 +282,7 @@ def create_app(index_folder: Path, checkpoint_folder: Path, max_upload_bytes: in
                 saliency = explain_pair(engine.model, reference, text, target, method=method, side=side)
             except ValueError as error:  # a model these explanations do not cover (CMAP's multi-level features)
                 raise HTTPException(422, str(error)) from None
-            explained = square_image(reference if side == "reference" else target, engine.model.image_size)
+            explained = fit_image(reference if side == "reference" else target, engine.model.image_size)
             scale = max(1, math.ceil(MIN_OVERLAY_PX / explained.width))
             return png_bytes(heatmap_overlay(explained, saliency, scale=scale))
 
