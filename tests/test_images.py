@@ -1,0 +1,121 @@
+"""The one image pipeline: any decodable photo becomes upright RGB fitted to the model's input size."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cirlab.evaluate import result_paths
+from cirlab.images import ImageDecodeError, as_size, decode_image, fit_image, image_tensor, load_image
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+_NOISE_PNG = _encoded(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)), "PNG")
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.new("RGBA", (4, 2), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 255, 0))      # fully transparent: white
+    rgba.putpixel((1, 0), (0, 0, 0, 128))      # half black over white: mid grey
+    rgb = decode_image(_encoded(rgba, "PNG"))
+    assert rgb.mode == "RGB"
+    assert rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((2, 1)) == (255, 0, 0)
+    assert all(abs(channel - 127) <= 1 for channel in rgb.getpixel((1, 0)))
+    la = Image.new("LA", (2, 2), (0, 0))
+    assert decode_image(_encoded(la, "PNG")).getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_palette_with_a_transparent_colour_is_white_there():
+    palette = Image.new("P", (3, 1), 0)
+    palette.putpalette([10, 20, 30, 200, 100, 0] + [0] * 762)
+    palette.putpixel((2, 0), 1)
+    rgb = decode_image(_encoded(palette, "PNG", transparency=0))
+    assert [rgb.getpixel((x, 0)) for x in range(3)] == [(255, 255, 255), (255, 255, 255), (200, 100, 0)]
+
+
+def test_sixteen_bit_grey_is_scaled_by_its_range_not_clipped():
+    values = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    rgb = decode_image(_encoded(Image.fromarray(values), "PNG"))
+    assert [rgb.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (100, 100, 100), (255, 255, 255)]
+
+
+def test_cmyk_jpeg_decodes_to_rgb():
+    rgb = decode_image(_encoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG", quality=100))
+    red, green, blue = rgb.getpixel((4, 4))
+    assert rgb.mode == "RGB" and red > 240 and green < 15 and blue < 15
+
+
+def test_exif_orientation_is_applied():
+    wide = Image.new("RGB", (6, 2), (0, 0, 0))
+    wide.putpixel((0, 0), (255, 255, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    upright = decode_image(_encoded(wide, "PNG", exif=exif))
+    assert upright.size == (2, 6)
+    assert upright.getpixel((1, 0)) == (255, 255, 255)  # the stored top-left corner ends at the top right
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP"])
+def test_animations_give_their_first_frame(fmt):
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    data = _encoded(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, lossless=True)
+    red, green, blue = decode_image(data).getpixel((4, 4))
+    assert red > 200 and blue < 50
+
+
+def test_fit_image_covers_then_crops_the_centre():
+    image = Image.new("RGB", (30, 10), (0, 0, 0))
+    image.paste((255, 255, 255), (10, 0, 20, 10))  # the middle third is white
+    fitted = fit_image(image, 10)
+    assert fitted.size == (10, 10) and np.asarray(fitted).min() >= 250  # only the white centre remains
+    assert fit_image(image, (5, 15)).size == (15, 5)                    # (height, width)
+    assert fit_image(image, None) is not image and fit_image(image, None).size == (30, 10)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 4000), (4000, 1), (3, 100000)])
+def test_any_size_and_aspect_fits_without_a_huge_intermediate(size):
+    image = Image.new("RGB", size, (12, 34, 56))
+    assert image_tensor(image, 64).shape == (3, 64, 64)
+    assert fit_image(image, 64).getpixel((32, 32)) == (12, 34, 56)
+
+
+def test_the_pixel_limit_is_on_the_total_so_a_panorama_within_it_passes():
+    panorama = _encoded(Image.new("RGB", (8192, 512)), "PNG")
+    assert decode_image(panorama, max_pixels=8192 * 512).size == (8192, 512)
+    with pytest.raises(ImageDecodeError, match="8192 x 512 pixels") as refused:
+        decode_image(panorama, max_pixels=8192 * 512 - 1)
+    assert refused.value.too_large
+
+
+@pytest.mark.parametrize(("data", "fragment"), [(b"", "is empty"), (b"not an image at all", "no known image format"),
+                                                (_NOISE_PNG[: len(_NOISE_PNG) // 2], "not a readable")])
+def test_undecodable_bytes_say_why(data, fragment):
+    with pytest.raises(ImageDecodeError, match=fragment) as refused:
+        decode_image(data, formats=("PNG", "JPEG"))
+    assert not refused.value.too_large
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(ImageDecodeError, match=f"{tmp_path / 'gone.png'}: missing image"):
+        load_image(tmp_path / "gone.png")
+
+
+def test_sizes_are_height_width_and_positive():
+    assert as_size(64) == (64, 64) and as_size([48, 32]) == (48, 32) and as_size(None) is None
+    with pytest.raises(ValueError, match="positive"):
+        as_size(0)
+
+
+@pytest.mark.parametrize(("given", "written"), [("x.json", ("x.json", "x.md")), ("x.md", ("x.json", "x.md")),
+                                                ("run.v2", ("run.v2.json", "run.v2.md")), ("x", ("x.json", "x.md"))])
+def test_eval_out_honours_a_given_suffix(given, written):
+    assert result_paths(Path("out") / given) == tuple(Path("out") / name for name in written)
