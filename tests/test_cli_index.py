@@ -1,10 +1,13 @@
 """`cirlab index build|info` and `cirlab search` on a tiny trained checkpoint."""
 
 import json
+import shutil
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from cirlab.checkpoint import CheckpointError, load_checkpoint
 from cirlab.cli import main
 from cirlab.config import load_config
 from cirlab.train import train
@@ -87,3 +90,49 @@ def test_index_add_embeds_new_gallery_images_and_remove_takes_them_out(tiny_css,
     assert found == set(names[2:13]) - {names[11]}
     assert main(["index", "remove", str(index), "nope.png"]) == 2
     assert "nope.png" in capsys.readouterr().err
+
+
+def _photo(path, size, fmt, mode="RGB", frames=1):
+    rng = np.random.default_rng(size[0] * 7 + size[1])
+    images = [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+              for _ in range(frames)]
+    images[0].save(path, fmt, save_all=frames > 1, append_images=images[1:])
+    return path
+
+
+def test_the_checkpoint_records_the_native_size(checkpoints):
+    recorded = json.loads((checkpoints[0] / "preprocessing.json").read_text())
+    assert recorded["size"] == [64, 64]  # data.image_size is null: the CSS images' own size
+    assert load_checkpoint(checkpoints[0]).model.image_size == (64, 64)
+
+
+def test_an_older_checkpoint_without_a_recorded_size_is_refused_by_name(checkpoints, tmp_path):
+    older = tmp_path / "older"
+    shutil.copytree(checkpoints[0], older)
+    (older / "preprocessing.json").unlink()
+    with pytest.raises(CheckpointError, match="native size.*preprocessing.json"):
+        load_checkpoint(older)
+    assert load_checkpoint(older, ["data.image_size=64"]).model.image_size == (64, 64)
+
+
+def test_search_with_photos_of_any_size_mode_and_frame_count(tiny_css, checkpoints, tmp_path, capsys):
+    index = tmp_path / "index"
+    assert main(["index", "build", str(checkpoints[0]), str(tiny_css / "images"), "--out", str(index)]) == 0
+    capsys.readouterr()
+    reference = "css_test_000001.png"
+    copy = tmp_path / "copy.png"
+    shutil.copy(tiny_css / "images" / reference, copy)
+    photos = [copy, _photo(tmp_path / "photo.jpg", (200, 150), "JPEG"), _photo(tmp_path / "dot.png", (1, 1), "PNG"),
+              _photo(tmp_path / "anim.gif", (32, 32), "GIF", "P", frames=2),
+              _photo(tmp_path / "grey.png", (40, 90), "PNG", "L")]
+    for photo in photos:
+        assert main(["search", str(index), "--image", str(photo), "--text", "remove object", "-k", "4", "--json"]) == 0
+        results = json.loads(capsys.readouterr().out)
+        assert len(results) == 4, photo
+        assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+        if photo == copy:  # a file copy of a gallery image is preprocessed exactly as `--id` is
+            from_copy = [r for r in results if r["id"] != reference][:3]
+    assert main(["search", str(index), "--id", reference, "--text", "remove object", "-k", "3", "--json"]) == 0
+    by_id = json.loads(capsys.readouterr().out)
+    assert [r["id"] for r in from_copy] == [r["id"] for r in by_id]
+    np.testing.assert_allclose([r["score"] for r in from_copy], [r["score"] for r in by_id], atol=1e-5)

@@ -11,12 +11,11 @@ from torchvision.models import resnet18
 
 from cirlab.encoders.efficientnet_lite import EfficientNetLite0, default_weights_path
 from cirlab.encoders.image import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Backbone,
     ImageEncoder,
     create_backbone,
 )
+from cirlab.images import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGENET_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 

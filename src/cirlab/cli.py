@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default 1000); needs the edit regions of a generated CSS dataset")
     evaluate.add_argument("--explain-method", choices=["mmgrad", "gradcam"], default="mmgrad")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    evaluate.add_argument("--out", help="output path; .json and .md are written beside each other, a given .json or .md suffix is kept "
-                          "(default: RUN/eval-SPLIT)")
+    evaluate.add_argument("--out", help="output path: PATH.json and PATH.md, a given .json or .md suffix "
+                          "kept (default: RUN/eval-SPLIT)")
     evaluate.add_argument("--submission", metavar="DIR", help="CIRR: write the two test-server files "
                           "(recall_submission_RUN.json, recall_subset_submission_RUN.json) of protocol.split "
                           "(default test1) to DIR instead of scoring")
