@@ -153,3 +153,31 @@ def test_search_heatmaps_and_refinement(browser, base_url, tiny_index, tmp_path)
     with Image.open(screenshot) as picture:
         assert picture.format == "PNG" and picture.size == (VIEWPORT["width"], VIEWPORT["height"])
     assert crashes == [] and blocked == []
+
+
+def test_a_rotated_phone_photo_is_searched_through_the_page(browser, base_url, tmp_path):
+    """A 1200 x 800 JPEG with EXIF orientation 6 (as phones write), uploaded through the page's control."""
+    import numpy as np
+    from playwright.sync_api import expect
+
+    pixels = np.random.default_rng(7).integers(0, 256, (80, 120, 3), dtype=np.uint8)
+    photo = Image.fromarray(pixels).resize((1200, 800), Image.Resampling.BILINEAR)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    photo.save(path, "JPEG", quality=90, exif=exif)
+    page = browser.new_page(viewport=VIEWPORT)
+    crashes: list[str] = []
+    page.on("pageerror", lambda error: crashes.append(str(error)))
+    page.goto(base_url)
+    page.get_by_label("Upload a reference image").set_input_files(path)
+    expect(page.locator("#reference-caption")).to_have_text("Reference: phone.jpg (uploaded)")
+    page.get_by_label("Change").fill(TEXT)
+    page.get_by_label("Number of results").fill(str(K))
+    page.get_by_role("button", name="Search").click()
+    expect(page.locator("#results li")).to_have_count(K)
+    files = {"image": ("phone.jpg", path.read_bytes(), "image/jpeg")}
+    expected = httpx.post(f"{base_url}/api/search", data={"text": TEXT, "k": str(K)}, files=files).json()["results"]
+    assert [name for name, _ in _shown(page)] == [hit["id"] for hit in expected]
+    assert not crashes
+    page.close()

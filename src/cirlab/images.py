@@ -117,8 +117,10 @@ def fit_image(image: Image.Image, size: int | Size | None) -> Image.Image:
     height, width = target
     scale = max(width / image.width, height / image.height)  # the smallest scale that covers the target
     box_width, box_height = width / scale, height / scale
-    left, top = (image.width - box_width) / 2, (image.height - box_height) / 2
-    return image.resize((width, height), Image.Resampling.BICUBIC, box=(left, top, left + box_width, top + box_height))
+    # clamped: the float box of an exact fit can overshoot the image by 1e-14, which Pillow refuses
+    left, top = max(0.0, (image.width - box_width) / 2), max(0.0, (image.height - box_height) / 2)
+    right, bottom = min(image.width, left + box_width), min(image.height, top + box_height)
+    return image.resize((width, height), Image.Resampling.BICUBIC, box=(left, top, right, bottom))
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
