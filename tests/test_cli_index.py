@@ -136,3 +136,21 @@ def test_search_with_photos_of_any_size_mode_and_frame_count(tiny_css, checkpoin
     by_id = json.loads(capsys.readouterr().out)
     assert [r["id"] for r in from_copy] == [r["id"] for r in by_id]
     np.testing.assert_allclose([r["score"] for r in from_copy], [r["score"] for r in by_id], atol=1e-5)
+
+
+def test_index_build_and_add_over_a_gallery_of_mixed_sizes_and_modes(checkpoints, tmp_path, capsys):
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    shapes = [((200, 150), "JPEG", "RGB"), ((1, 1), "PNG", "RGB"), ((64, 300), "PNG", "RGBA"),
+              ((33, 33), "GIF", "P"), ((90, 40), "PNG", "L")]
+    for number, (size, fmt, mode) in enumerate(shapes):
+        _photo(gallery / f"g{number}.{fmt.lower()}", size, fmt, mode)
+    index = tmp_path / "index"
+    assert main(["index", "build", str(checkpoints[0]), str(gallery), "--out", str(index)]) == 0
+    assert f"{len(shapes)} images indexed" in capsys.readouterr().out
+    _photo(gallery / "late.webp", (500, 20), "WEBP")
+    assert main(["index", "add", str(index)]) == 0
+    capsys.readouterr()
+    assert main(["search", str(index), "--id", "g0.jpeg", "--text", "make it red", "-k", "10", "--json"]) == 0
+    found = {hit["id"] for hit in json.loads(capsys.readouterr().out)}
+    assert found == {"g1.png", "g2.png", "g3.gif", "g4.png", "late.webp"}  # all but the reference itself

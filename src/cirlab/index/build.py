@@ -34,7 +34,7 @@ from cirlab.index.base import Index, IndexFormatError, IndexMismatchError, Index
 from cirlab.index.store import DB_FILE, connect, read_meta
 from cirlab.models.base import CIRModel
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Index classes by the backend name an index records; imported on first use (Milvus needs pymilvus).
 BACKENDS = {"faiss": "cirlab.index.faiss_index:FaissIndex", "milvus": "cirlab.index.milvus_index:MilvusIndex"}
 _SETTING_NAMES = {"factory": "index type", "gallery_root": "gallery", "uri": "Milvus URI"}  # for messages
@@ -56,7 +56,7 @@ def model_identity(checkpoint_folder: Path) -> str:
 
 
 def list_images(image_dir: Path) -> list[str]:
-    """Every png/jpg/jpeg below `image_dir`, as sorted POSIX paths relative to it (the image ids)."""
+    """Every image file (IMAGE_SUFFIXES) below `image_dir`, as sorted POSIX paths relative to it (the image ids)."""
     root = Path(image_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such image folder")
