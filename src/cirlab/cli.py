@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     build = index_commands.add_parser("build", help="embed a gallery folder into an index; reruns add only what "
                                                     "is missing, so an interrupted build resumes")
     build.add_argument("checkpoint", help="checkpoint folder (RUN/best)")
-    build.add_argument("image_dir", help="gallery folder (png, jpg, jpeg, webp, bmp, gif, tif, tiff; searched recursively)")
+    build.add_argument("image_dir", help="gallery folder (png, jpg, jpeg, webp, bmp, gif, tif, tiff; searched "
+                                          "recursively)")
     build.add_argument("--out", required=True, help="index folder")
     build.add_argument("--backend", choices=["faiss", "milvus"],
                        help="where the vectors go: FAISS files in the index folder (default for a new index) or a "
