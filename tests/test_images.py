@@ -72,6 +72,12 @@ def test_animations_give_their_first_frame(fmt):
     assert red > 200 and blue < 50
 
 
+def test_a_pil_image_from_python_gets_the_same_rules_as_a_file():
+    rgba = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    assert fit_image(rgba, None).getpixel((0, 0)) == (255, 255, 255)  # on white, not on black
+    assert image_tensor(Image.new("I;16", (3, 3), 65535), 4).shape == (3, 4, 4)
+
+
 def test_fit_image_covers_then_crops_the_centre():
     image = Image.new("RGB", (30, 10), (0, 0, 0))
     image.paste((255, 255, 255), (10, 0, 20, 10))  # the middle third is white

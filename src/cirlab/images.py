@@ -106,11 +106,11 @@ def as_size(size: int | Size | list[int] | None) -> Size | None:
 
 
 def fit_image(image: Image.Image, size: int | Size | None) -> Image.Image:
-    """RGB, scaled to cover `size` and centre-cropped to it (torchvision's Resize + CenterCrop); None: unchanged.
+    """Upright RGB (`to_rgb`), scaled to cover `size` and centre-cropped to it (torchvision's Resize + CenterCrop); None: unchanged.
 
     The crop box is chosen in source pixels and resized in one step, so a 1 x 100000 strip never
     becomes a huge intermediate image."""
-    image = image.convert("RGB")
+    image = image if image.mode == "RGB" else to_rgb(image)  # a PIL image from Python gets the same decoding rules
     target = as_size(size)
     if target is None or image.size == (target[1], target[0]):
         return image
