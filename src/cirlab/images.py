@@ -106,7 +106,8 @@ def as_size(size: int | Size | list[int] | None) -> Size | None:
 
 
 def fit_image(image: Image.Image, size: int | Size | None) -> Image.Image:
-    """Upright RGB (`to_rgb`), scaled to cover `size` and centre-cropped to it (torchvision's Resize + CenterCrop); None: unchanged.
+    """Upright RGB (`to_rgb`), scaled to cover `size` and centre-cropped to it (torchvision's Resize +
+    CenterCrop); None: unchanged.
 
     The crop box is chosen in source pixels and resized in one step, so a 1 x 100000 strip never
     becomes a huge intermediate image."""
