@@ -23,16 +23,13 @@ from safetensors.torch import load_file, save_file
 
 from cirlab.config import Config, load_config
 from cirlab.encoders.text import Vocabulary
-from cirlab.images import as_size
+from cirlab.images import PREPROCESSING_STEPS, as_size
 from cirlab.models.base import CIRModel
 from cirlab.models.registry import create_model
 
 MODEL_FILE, CONFIG_FILE, VOCAB_FILE = "model.safetensors", "config.json", "vocab.json"
 TRAINER_TENSORS, TRAINER_JSON = "trainer.safetensors", "trainer.json"
 PREPROCESSING_FILE = "preprocessing.json"
-# What `cirlab.images.fit_image` and `normalise` do, written beside the size for a reader of the checkpoint.
-PREPROCESSING_STEPS = ["decode to upright RGB (EXIF orientation, first frame, transparency on white)",
-                       "bicubic scale to cover size, centre crop", "ImageNet mean/std normalisation"]
 
 
 class CheckpointError(ValueError):

@@ -31,6 +31,9 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
+# What this module does to every image, in words: written beside the size into each checkpoint.
+PREPROCESSING_STEPS = ["decode to upright RGB (EXIF orientation, first frame, transparency on white)",
+                       "bicubic scale to cover size, centre crop", "ImageNet mean/std normalisation"]
 Size = tuple[int, int]  # (height, width) of the model's input
 _WHITE = (255, 255, 255)
 
