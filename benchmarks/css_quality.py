@@ -32,10 +32,10 @@ from cirlab.config import load_config  # noqa: E402
 from cirlab.data.benchmarks import load_splits  # noqa: E402
 from cirlab.data.css import generate_css, load_css, object_mask  # noqa: E402
 from cirlab.data.regions import mask_box  # noqa: E402
-from cirlab.data.tensors import CachedMaps, ImageBatches, PixelImages  # noqa: E402
 from cirlab.devices import resolve_device  # noqa: E402
 from cirlab.encoders.regions import REGION_CACHE, attach_regions, write_region_file  # noqa: E402
 from cirlab.evaluate import css_protocol, evaluate_split  # noqa: E402
+from cirlab.image_batches import CachedMaps, ImageBatches, PixelImages  # noqa: E402
 from cirlab.images import load_image  # noqa: E402
 from cirlab.train import BEST, train  # noqa: E402
 

@@ -38,8 +38,8 @@ from cirlab.data.cirr_scenes import generate_cirr  # noqa: E402
 from cirlab.data.css import generate_css  # noqa: E402
 from cirlab.data.garments import generate_garments  # noqa: E402
 from cirlab.data.generation import GENERATION_FILE  # noqa: E402
-from cirlab.data.tensors import ImageBatches  # noqa: E402
 from cirlab.evaluate import evaluate_checkpoint  # noqa: E402
+from cirlab.image_batches import ImageBatches  # noqa: E402
 from cirlab.train import BEST, train  # noqa: E402
 
 

@@ -37,8 +37,8 @@ from cirlab.checkpoint import load_checkpoint  # noqa: E402
 from cirlab.config import Config, load_config  # noqa: E402
 from cirlab.data.benchmarks import load_benchmark  # noqa: E402
 from cirlab.data.css import generate_css  # noqa: E402
-from cirlab.data.tensors import CachedMaps, ImageBatches, PixelImages  # noqa: E402
 from cirlab.encoders.regions import REGION_CACHE, attach_regions  # noqa: E402
+from cirlab.image_batches import CachedMaps, ImageBatches, PixelImages  # noqa: E402
 from cirlab.masks.batches import attach_masks  # noqa: E402
 from cirlab.models.registry import available_models  # noqa: E402
 from cirlab.train import LAST, METRICS, TrainingForward, build_optimizer, compute_loss, make_sampler, train  # noqa: E402

@@ -14,11 +14,11 @@ from PIL import Image
 
 from cirlab.cli import build_parser, main
 from cirlab.data import cirr
-from cirlab.data.check import check_dataset
 from cirlab.data.cirr_scenes import SPLITS, SetQuery, caption, generate_cirr, soft_label
 from cirlab.data.css import SceneObject, add_edit, make_edit, remove_edit
 from cirlab.data.evalsets import recall_at_k, recall_subset_at_k
 from cirlab.data.regions import read_edit_regions
+from cirlab.dataset_check import check_dataset
 
 FOLDERS = {"train": "train", "val": "dev", "test1": "test1"}  # the files say val, the images folder dev
 
@@ -281,7 +281,7 @@ def test_cli_writes_the_test_server_files_of_a_trained_checkpoint(demo: Path, tm
     import torch
 
     from cirlab.checkpoint import load_checkpoint
-    from cirlab.data.tensors import PixelImages
+    from cirlab.image_batches import PixelImages
 
     run = tmp_path / "run"
     assert main(["train", "--set", "data.format=cirr", "--set", f"data.root={demo}", "--set", "train.sampler=shuffled",

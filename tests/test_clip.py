@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 
 from cirlab.checkpoint import load_checkpoint, save_checkpoint
 from cirlab.config import load_config
-from cirlab.data.tensors import CachedMaps, PixelImages
 from cirlab.encoders.clip import CLIPImageTower, CLIPTextEncoder, create_clip_backbone, create_clip_text_encoder
 from cirlab.encoders.image import ImageEncoder, create_backbone
 from cirlab.encoders.text import Vocabulary, create_text_encoder
+from cirlab.image_batches import CachedMaps, PixelImages
 from cirlab.images import normalise
 from cirlab.models.registry import create_model
 from cirlab.train import BEST, _training_images, build_optimizer, train

@@ -11,9 +11,9 @@ from PIL import Image
 
 from cirlab.checkpoint import load_checkpoint, save_checkpoint
 from cirlab.config import load_config
-from cirlab.data.tensors import CachedMaps, PixelImages
-from cirlab.encoders.multilevel import CrossLevelInteraction, LevelMaps, gem
+from cirlab.encoders.multilevel import CrossLevelInteraction, gem
 from cirlab.encoders.text import BiGRUTextEncoder, Vocabulary
+from cirlab.image_batches import CachedMaps, LevelMaps, PixelImages
 from cirlab.models.cmap import CMAP, CMAPOptions, reversed_attention, self_contrastive_loss
 from cirlab.models.registry import create_model
 from cirlab.train import train

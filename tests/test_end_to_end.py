@@ -11,9 +11,9 @@ from cirlab.cli import main
 from cirlab.config import load_config
 from cirlab.data.benchmarks import load_splits
 from cirlab.data.css import load_css
-from cirlab.data.tensors import PixelImages
 from cirlab.encoders.image import create_backbone
 from cirlab.evaluate import css_protocol, evaluate_split
+from cirlab.image_batches import PixelImages
 from cirlab.train import train
 
 FROZEN = ["model.image_backbone=efficientnet_lite0", "model.backbone_upto=stage3", "model.pooling=flatten",

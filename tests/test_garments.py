@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 from cirlab.cli import main
-from cirlab.data.check import check_dataset
 from cirlab.data.fashion200k import load_fashion200k, parent_captions
 from cirlab.data.fashioniq import CATEGORIES, join_captions, load_fashioniq
 from cirlab.data.garment_captions import NOUNS, PRODUCT_WORDS, product_caption, relative_captions
@@ -29,6 +28,7 @@ from cirlab.data.garment_render import (
 )
 from cirlab.data.garments import generate_garments
 from cirlab.data.regions import read_edit_regions
+from cirlab.dataset_check import check_dataset
 
 SIZE = 48
 FAMILIES = 2  # per category and split: 10 images and 6 triplets each

@@ -10,7 +10,6 @@ from cirlab.checkpoint import load_checkpoint
 from cirlab.config import ModelConfig, load_config
 from cirlab.data.css import object_mask, render_scene
 from cirlab.data.regions import mask_box
-from cirlab.data.tensors import PixelImages
 from cirlab.encoders.regions import (
     REGION_CACHE,
     GridRegions,
@@ -25,6 +24,7 @@ from cirlab.encoders.regions import (
     write_region_file,
 )
 from cirlab.encoders.text import Vocabulary
+from cirlab.image_batches import PixelImages
 from cirlab.images import load_image
 from cirlab.index.build import build_index, list_images, search_index
 from cirlab.models.lbf import LBF

@@ -12,8 +12,8 @@ from PIL import Image
 
 from cirlab.cli import main
 from cirlab.data.garments import generate_garments
-from cirlab.data.tensors import CachedMaps, PixelImages
 from cirlab.encoders.image import ImageEncoder, create_backbone
+from cirlab.image_batches import CachedMaps, PixelImages
 from cirlab.images import fit_image
 from cirlab.masks.batches import MaskedBatch, attach_masks, mask_images
 from cirlab.masks.build import build_masks, dataset_images

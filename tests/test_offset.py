@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from cirlab.checkpoint import load_checkpoint
 from cirlab.config import ModelConfig, load_config
 from cirlab.data.garments import generate_garments
-from cirlab.data.tensors import PixelImages
 from cirlab.encoders.image import ImageEncoder, create_backbone
 from cirlab.encoders.text import LSTMTextEncoder, Vocabulary
 from cirlab.evaluate import evaluate_checkpoint
+from cirlab.image_batches import PixelImages
 from cirlab.index.build import build_index, search_index
 from cirlab.masks.batches import MaskedBatch, attach_masks
 from cirlab.models.offset import (

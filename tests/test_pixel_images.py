@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cirlab.data.errors import DataFormatError
-from cirlab.data.tensors import PixelImages
+from cirlab.image_batches import PixelImages
 
 
 def _write_images(folder: Path, count: int) -> list[Path]:

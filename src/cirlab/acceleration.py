@@ -1,5 +1,5 @@
-"""Speed switches for accelerators: mixed precision, channels-last, torch.compile, pinned copies (used by
-every batch of `cirlab.data.tensors` and by index builds).
+"""Speed switches for accelerators: mixed precision, channels-last, torch.compile (pinned host-to-device copies
+are `cirlab.devices.to_device`).
 
 Mixed precision and channels-last apply on CUDA only (on the CPU they would slow training down or
 change its numbers for nothing); `train.compile` applies wherever it is set.
@@ -42,11 +42,3 @@ def to_channels_last(batch: torch.Tensor) -> torch.Tensor:
     if batch.dim() == 4 and batch.device.type == "cuda":
         return batch.contiguous(memory_format=torch.channels_last)
     return batch
-
-
-def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`batch` on `device`; a CPU batch bound for CUDA goes through page-locked memory, so the copy
-    runs asynchronously and the GPU does not wait on pageable memory."""
-    if device.type == "cuda" and batch.device.type == "cpu":
-        return batch.pin_memory().to(device, non_blocking=True)
-    return batch.to(device)

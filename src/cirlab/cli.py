@@ -48,7 +48,7 @@ def _cmd_make_garments(args: argparse.Namespace) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from cirlab.data.check import check_dataset
+    from cirlab.dataset_check import check_dataset
 
     problems = check_dataset(Path(args.root), args.format)
     for problem in problems:

@@ -17,10 +17,10 @@ from cirlab.checkpoint import load_checkpoint
 from cirlab.config import load_config
 from cirlab.data.benchmarks import load_splits
 from cirlab.data.css import generate_css
-from cirlab.data.tensors import ImageBatches, PixelImages
 from cirlab.devices import resolve_device
 from cirlab.evaluate import css_protocol, embed_split, markdown_table, recall_from_embeddings
 from cirlab.files import atomic_write_text
+from cirlab.image_batches import ImageBatches, PixelImages
 from cirlab.report import plot_training_curves, rank_examples, write_report
 from cirlab.train import BEST, METRICS, train
 

@@ -29,12 +29,12 @@ from cirlab.data.evalsets import EvalSet, average_variant_scores, recall_subset_
 from cirlab.data.evalsets import recall_at_k as evalset_recall_at_k
 from cirlab.data.records import RetrievalSplit
 from cirlab.data.regions import EDIT_REGIONS_FILE
-from cirlab.data.tensors import CachedMaps, ImageBatches, PixelImages
 from cirlab.devices import resolve_device
 from cirlab.encoders.regions import attach_regions
 from cirlab.explain.quality import explanation_quality, explanation_table
 from cirlab.explain.supervision import EditMasks
 from cirlab.files import atomic_write_text
+from cirlab.image_batches import CachedMaps, ImageBatches, PixelImages
 from cirlab.masks.batches import attach_masks
 from cirlab.models.base import CIRModel
 

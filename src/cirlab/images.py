@@ -133,6 +133,14 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (floats - _MEAN.to(floats.device)) / _STD.to(floats.device)
 
 
+def pixels_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """ImageNet-normalised pixels (B x 3 x H x W) back to the uint8 images they came from (B x H x W x 3)."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    restored = ((images.detach().float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    return restored.permute(0, 2, 3, 1).cpu().numpy()
+
+
 def image_tensor(image: Image.Image, size: int | Size | None = None) -> torch.Tensor:
     """One PIL image as a model-ready 3 x H x W tensor (the same preprocessing as training and evaluation)."""
     pixels = torch.from_numpy(np.asarray(fit_image(image, size)).copy()).permute(2, 0, 1)

@@ -26,7 +26,6 @@ from cirlab.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer
 from cirlab.config import Config
 from cirlab.data.benchmarks import css_renders, load_benchmark
 from cirlab.data.records import Query, RetrievalSplit, carve_validation
-from cirlab.data.tensors import CachedMaps, ImageBatches, PixelImages
 from cirlab.devices import resolve_device
 from cirlab.distributed import DistContext
 from cirlab.encoders.image import create_backbone
@@ -35,6 +34,7 @@ from cirlab.encoders.text import Vocabulary
 from cirlab.evaluate import css_protocol, evaluate_split
 from cirlab.explain.supervision import EditMasks, edit_masks, pixel_difference_masks
 from cirlab.explain.training import check_mmgrad_config, mmgrad_attention_loss
+from cirlab.image_batches import CachedMaps, ImageBatches, PixelImages
 from cirlab.images import as_size
 from cirlab.losses import batch_classification_loss, sample_soft_triplets, soft_triplet_loss
 from cirlab.masks.batches import attach_masks

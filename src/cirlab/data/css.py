@@ -27,6 +27,18 @@ from numpy.lib import format as npy_format
 from PIL import Image
 from tqdm import tqdm
 
+from cirlab.data.css3d import RegionRecorder, settings
+from cirlab.data.css_vocabulary import (
+    BASE_SIZE,
+    COLOURS,
+    EDIT_REGIONS_3D_FILE,
+    GRID_CELLS,
+    HALF_SIZE,
+    IMAGES_3D_DIR,
+    IMAGES_DIR,
+    SHAPES,
+    SIZES,
+)
 from cirlab.data.errors import DataFormatError
 from cirlab.data.generation import GENERATION_FILE, check_arguments, prepare_output_folder
 from cirlab.data.regions import EDIT_REGIONS_FILE, EditRegion, write_edit_regions
@@ -37,31 +49,10 @@ try:
 except ImportError:  # NumPy < 2 has no numpy._core
     from numpy.core import multiarray as _multiarray
 
-# The 8 CLEVR colours with the RGB values of TIRG's 2D renderer.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "gray": (87, 87, 87),
-    "red": (244, 35, 35),
-    "blue": (42, 75, 215),
-    "green": (29, 205, 20),
-    "brown": (129, 74, 25),
-    "purple": (129, 38, 192),
-    "cyan": (41, 208, 208),
-    "yellow": (255, 238, 51),
-}
-SHAPES = ("rectangle", "circle", "triangle")
-SIZES = ("small", "large")
-# Row-major 3x3 grid: cell index = 3 * row + column.
-GRID_CELLS = tuple(f"{row}-{col}" for row in ("top", "middle", "bottom") for col in ("left", "center", "right"))
-
 SPLITS = ("train", "test")
 DATA_FILE = "css_toy_dataset_novel2_small.dup.npy"
-IMAGES_DIR = "images"
-IMAGES_3D_DIR = "images_3d"                   # `with_3d`: the 3D renders (cirlab.data.css3d)
-EDIT_REGIONS_3D_FILE = "edit_regions_3d.jsonl"  # `with_3d`: edit regions in the 3D renders
 GENERATOR_VERSION = 1
 
-_BASE_SIZE = 64                               # the reference canvas; other sizes scale the drawing
-_HALF_SIZE = {"small": 4.0, "large": 8.0}     # px at 64
 MIN_IMAGE_SIZE = 40                           # below this, truncation can merge neighbouring cells
 _FLOAT_PALETTE = {name: np.array(rgb) / 255.0 for name, rgb in COLOURS.items()}
 _UINT8_PALETTE = {name: np.array(rgb, dtype=np.uint8) for name, rgb in COLOURS.items()}
@@ -70,9 +61,9 @@ _Index = tuple[int | slice, slice]
 
 
 def _half_size(size: str, image_size: int) -> float:
-    if size not in _HALF_SIZE:
+    if size not in HALF_SIZE:
         raise ValueError(f"unknown size {size!r} (known: {', '.join(SIZES)})")
-    return _HALF_SIZE[size] * image_size / _BASE_SIZE
+    return HALF_SIZE[size] * image_size / BASE_SIZE
 
 
 @lru_cache(maxsize=1 << 16)
@@ -152,7 +143,7 @@ class SceneObject(NamedTuple):
 
     def as_dict(self) -> dict[str, Any]:
         row, col = divmod(self.cell, 3)
-        pos = ((row + 0.5) / 3 + self.dy / _BASE_SIZE, (col + 0.5) / 3 + self.dx / _BASE_SIZE)
+        pos = ((row + 0.5) / 3 + self.dy / BASE_SIZE, (col + 0.5) / 3 + self.dx / BASE_SIZE)
         return {"color": self.color, "shape": self.shape, "size": self.size, "pos": pos}
 
 
@@ -366,8 +357,6 @@ def _write_3d(out: Path, generated: dict[str, _GeneratedSplit], image_size: int,
               progress: bool) -> tuple[list[EditRegion], dict[str, Any]]:
     """The 3D renders into images_3d/; returns their edit regions (the edited object, before and after,
     with the shadow it casts: see `cirlab.data.css3d.Render3D.region`) and the renderer's settings."""
-    from cirlab.data.css3d import RegionRecorder, settings  # imported here: css3d builds on this module
-
     def path(split: str, image: int) -> str:
         return f"{IMAGES_3D_DIR}/{_image_name(split, image)}"
 

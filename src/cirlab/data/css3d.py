@@ -47,17 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cirlab.data.css import (
-    _BASE_SIZE,
-    _HALF_SIZE,
-    COLOURS,
-    GENERATION_FILE,
-    IMAGES_3D_DIR,
-    IMAGES_DIR,
-    SHAPES,
-    SIZES,
-)
+from cirlab.data.css_vocabulary import BASE_SIZE, COLOURS, HALF_SIZE, IMAGES_3D_DIR, IMAGES_DIR, SHAPES, SIZES
 from cirlab.data.errors import DataFormatError
+from cirlab.data.generation import GENERATION_FILE
 
 RENDERS = ("2d", "3d")
 RENDERER_VERSION = 1
@@ -232,9 +224,9 @@ _Solid = _Sphere | _Cube | _Cylinder
 
 def object_radius(size: str) -> float:
     """An object's radius in world units: the 2D half-size (4 or 8 px of 64) in grid units."""
-    if size not in _HALF_SIZE:
+    if size not in HALF_SIZE:
         raise ValueError(f"unknown size {size!r} (known: {', '.join(SIZES)})")
-    return _HALF_SIZE[size] / _BASE_SIZE * GRID
+    return HALF_SIZE[size] / BASE_SIZE * GRID
 
 
 def floor_position(pos: Sequence[float]) -> tuple[float, float]:

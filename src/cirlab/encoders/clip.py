@@ -24,8 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cirlab.encoders.image import Backbone
-from cirlab.encoders.text import TextEncoder
+from cirlab.encoders.base import Backbone, TextEncoder
 from cirlab.images import IMAGENET_MEAN, IMAGENET_STD
 
 CLIP_PREFIX = "clip:"

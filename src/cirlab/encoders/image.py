@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
 
+from cirlab.encoders.base import Backbone
+from cirlab.encoders.clip import create_clip_backbone
 from cirlab.encoders.efficientnet_lite import EfficientNetLite0, default_weights_path
 
 # Output channels of each ResNet stage: the trunk ends a backbone can be cut at.
@@ -21,18 +23,6 @@ _RESNETS = {"resnet18": resnet18, "resnet50": resnet50}
 BACKBONES: tuple[str, ...] = ("resnet18", "efficientnet_lite0", "resnet50")
 POOLINGS: tuple[str, ...] = ("gap", "flatten", "tower")
 FLATTEN_CHANNELS = 64
-
-
-class Backbone(nn.Module):
-    """A convolutional trunk mapping pixels B x 3 x H x W to a map B x C x h x w."""
-
-    def __init__(self, trunk: nn.Module, out_channels: int) -> None:
-        super().__init__()
-        self.trunk = trunk
-        self.out_channels = out_channels
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.trunk(x)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
@@ -118,9 +108,7 @@ def create_backbone(name: str, weights: str | None = "default", upto: str | None
         return _resnet_backbone(name, weights, upto)
     if name == "efficientnet_lite0":
         return _efficientnet_lite0_backbone(weights, upto)
-    if name.startswith("clip:"):  # open_clip is an optional dependency: imported only for CLIP towers
-        from cirlab.encoders.clip import create_clip_backbone
-
+    if name.startswith("clip:"):  # open_clip is an optional dependency: clip.py imports it when a tower is built
         return create_clip_backbone(name, weights, upto)
     raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}, clip:<open_clip config>")
 

@@ -16,7 +16,7 @@ code (the levels are only summed, later, by the scores), so none is built. GeM c
 responses count as zero.
 
 A frozen backbone is kept in eval mode (its BatchNorm statistics fixed), so its maps can be cached once
-(`cirlab.data.tensors.CachedMaps`) and handed back as `LevelMaps`. The CMAP code leaves the frozen
+(`cirlab.image_batches.CachedMaps`) and handed back as `LevelMaps`. The CMAP code leaves the frozen
 backbone in train mode, where BatchNorm keeps updating its running statistics; a cache cannot follow that.
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 
 from cirlab.encoders.efficientnet_lite import HEAD_CHANNELS, STAGE_NAMES, STAGES
 from cirlab.encoders.image import RESNET_ENDS, Backbone
+from cirlab.image_batches import LevelMaps
 
 # The trunk's maps at output strides 8, 16 and 32, lowest first.
 DEFAULT_LEVELS: dict[str, tuple[str, ...]] = {
@@ -66,29 +66,6 @@ def _trunk_steps(backbone: str, trunk: nn.Sequential) -> list[tuple[str, nn.Modu
     if "_conv_head" in parts:
         steps.append(("head", nn.Sequential(parts["_conv_head"], parts["_bn1"], parts["_act1"])))
     return steps
-
-
-@dataclass
-class LevelMaps:
-    """A batch of a multi-level backbone's maps (lowest level first), such as cached ones: a
-    `MultiLevelImageEncoder` takes it wherever it takes pixels."""
-
-    maps: tuple[Tensor, ...]
-
-    def __len__(self) -> int:
-        return len(self.maps[0])
-
-    # The slice of the tensor API that the training loop applies to any batch (the device for autocast,
-    # channels-last conversion of 4-D batches).
-    @property
-    def device(self) -> torch.device:
-        return self.maps[0].device
-
-    def dim(self) -> int:
-        return self.maps[0].dim()
-
-    def contiguous(self, memory_format: torch.memory_format = torch.contiguous_format) -> LevelMaps:
-        return LevelMaps(tuple(level.contiguous(memory_format=memory_format) for level in self.maps))
 
 
 class MultiLevelBackbone(nn.Module):

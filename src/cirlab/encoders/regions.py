@@ -45,9 +45,9 @@ from torch import Tensor
 from torchvision.ops import box_iou, roi_align
 from tqdm import tqdm
 
-from cirlab.data.tensors import ImageBatches, PixelImages
 from cirlab.files import atomic_write_bytes
-from cirlab.images import IMAGENET_MEAN, IMAGENET_STD
+from cirlab.image_batches import ImageBatches, PixelImages
+from cirlab.images import pixels_to_uint8
 
 REGION_SOURCES: tuple[str, ...] = ("grid", "proposals", "boxes", "detector")
 REGION_CACHE = ".cirlab-cache"   # the proposal cache folder under a dataset root
@@ -185,14 +185,6 @@ def propose_boxes(image: np.ndarray, limit: int, scales: Sequence[float] = (100.
             if len(kept) == limit:
                 break
     return (boxes[kept] / [width, height, width, height]).astype(np.float32)
-
-
-def pixels_to_uint8(images: Tensor) -> np.ndarray:
-    """ImageNet-normalised pixels (B x 3 x H x W) back to the uint8 images they came from (B x H x W x 3)."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    restored = ((images.detach().float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
-    return restored.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def pad_regions(per_image: Sequence[np.ndarray], limit: int) -> tuple[Tensor, Tensor]:

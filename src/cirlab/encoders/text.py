@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import string
-from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
+
+from cirlab.encoders.base import TextEncoder
+from cirlab.encoders.clip import create_clip_text_encoder
 
 TEXT_ENCODERS: tuple[str, ...] = ("lstm", "minilm", "bigru")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -62,30 +64,6 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self._words)
-
-
-class TextEncoder(nn.Module, ABC):
-    """Common interface. ``out_dim``: pooled size; ``token_dim``: per-token size."""
-
-    out_dim: int
-    token_dim: int
-
-    @abstractmethod
-    def forward(self, texts: list[str]) -> Tensor:
-        """B x out_dim text features."""
-
-    @abstractmethod
-    def forward_tokens(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        """B x L x token_dim token features and a B x L bool mask (True = real token)."""
-
-    def pooled_and_tokens(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
-        """`forward` and `forward_tokens` together, for methods that need both (OFFSET); encoders whose two
-        outputs come from one pass override it to run that pass once."""
-        return (self(texts), *self.forward_tokens(texts))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
 
 class LSTMTextEncoder(TextEncoder):
@@ -303,9 +281,7 @@ def create_text_encoder(name: str, vocab: Vocabulary | None, out_dim: int = 512,
 
     ``weights``: a word-vector file (GloVe text format) for "bigru", or a CLIP text tower's weights (see
     cirlab.encoders.clip). ``freeze``: keep a CLIP text tower fixed (MiniLM is always frozen, lstm/bigru train)."""
-    if name.startswith("clip:"):  # open_clip is an optional dependency: imported only for CLIP towers
-        from cirlab.encoders.clip import create_clip_text_encoder
-
+    if name.startswith("clip:"):  # open_clip is an optional dependency: clip.py imports it when a tower is built
         return create_clip_text_encoder(name, out_dim=out_dim, weights=weights, trainable=not freeze, **kwargs)
     if freeze:
         raise ValueError(f"model.freeze_text is for CLIP text towers (clip:NAME), not {name!r}: minilm is always "

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from cirlab.data.records import Query
-from cirlab.data.tensors import ImageBatches
 from cirlab.explain.gradcam import method_scalar, mmgrad, upsample_map
 from cirlab.explain.metrics import METRICS, MapScores, centre_prior_baseline, random_baseline, score_map, summarise
 from cirlab.explain.supervision import EditMasks
+from cirlab.image_batches import ImageBatches
 from cirlab.models.base import CIRModel
 
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from cirlab.acceleration import to_device
 from cirlab.checkpoint import CONFIG_FILE, MODEL_FILE, CheckpointError, load_checkpoint
+from cirlab.devices import to_device
 from cirlab.distributed import DistContext
 from cirlab.images import image_tensor, load_image
 from cirlab.index.base import Index, IndexFormatError, IndexMismatchError, IndexStoreError, UnknownImageError

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from cirlab.data.tensors import CachedMaps, ImageBatches, PixelImages
+from cirlab.image_batches import CachedMaps, ImageBatches, PixelImages
 from cirlab.images import fit_image, normalise
 from cirlab.masks.build import ensure_masks
 from cirlab.masks.cache import MaskCache

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from cirlab.images import load_image
-from cirlab.masks.sources import MaskSource
+from cirlab.masks.base import MaskSource
 
 DEFAULT_PROMPT = "the main object"
 BATCH_SIZE = 8

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,46 +17,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cirlab.images import load_image
+from cirlab.images import load_image, pixels_to_uint8
+from cirlab.masks.base import MaskSource
 from cirlab.masks.cache import read_mask
+from cirlab.masks.clipseg import DEFAULT_PROMPT, CLIPSegMasks
 from cirlab.masks.saliency import SALIENCY_VERSION, WORK_SIZE, saliency_mask
 
 MASK_SOURCES: tuple[str, ...] = ("saliency", "oracle", "clipseg", "none")
 GROUND_TRUTH_FOLDER = "masks"   # where the garments generator writes its garment masks
-
-
-class MaskSource(ABC):
-    """Computes one soft mask (H x W uint8 at the image's size) per image file."""
-
-    name: str
-    uniform = False      # True: the same mask for every image, never stored (masks=none)
-
-    def settings(self) -> dict[str, Any]:
-        """What decides the masks: recorded in the cache's manifest."""
-        return {}
-
-    def accepts(self, settings: dict[str, Any]) -> bool:
-        """Whether cached masks made with `settings` are this source's masks."""
-        return settings == self.settings()
-
-    def missing_hint(self) -> str:
-        """What to do when masks are neither cached nor computable here."""
-        return f"run `cirlab data masks DATA --source {self.name}`"
-
-    @property
-    def can_compute(self) -> bool:
-        """Whether `compute` works without anything more from the user (missing masks are then built on demand)."""
-        return True
-
-    @abstractmethod
-    def compute(self, root: Path, images: Sequence[Path]) -> Iterator[np.ndarray]:
-        """The masks of `images` (files inside the dataset folder `root`), in order."""
-
-    def from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Masks (B x 1 x H x W uint8) of ImageNet-normalised pixels (B x 3 x H x W), for images that have no
-        file in a dataset (search queries); only sources that look at pixels alone can do this."""
-        raise ValueError(f"{self.name} masks are made per dataset image ({self.missing_hint()}); a bare image "
-                         "has none: use a model with masks=saliency or masks=none to search with new images")
 
 
 def ground_truth_path(root: Path, image: Path) -> Path | None:
@@ -108,8 +75,6 @@ class SaliencyMasks(MaskSource):
             yield saliency_mask(np.asarray(load_image(image).convert("RGB")))
 
     def from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        from cirlab.encoders.regions import pixels_to_uint8
-
         masks = np.stack([saliency_mask(image) for image in pixels_to_uint8(pixels)])
         return torch.from_numpy(masks)[:, None].to(pixels.device)
 
@@ -133,8 +98,6 @@ def create_mask_source(name: str, weights: str | Path | None = None, prompt: str
     """A mask source by name; `weights`, `prompt`, `captions` and `device` are CLIPSeg's (see CLIPSegMasks).
     CLIPSeg without weights can only read masks cached earlier."""
     if name == "clipseg":
-        from cirlab.masks.clipseg import DEFAULT_PROMPT, CLIPSegMasks
-
         return CLIPSegMasks(weights, prompt or DEFAULT_PROMPT, captions, device)
     if weights is not None or prompt is not None or captions is not None:
         raise ValueError(f"weights, prompt and captions are CLIPSeg settings; the {name} source takes none")

@@ -10,7 +10,7 @@ from cirlab.config import ModelConfig
 from cirlab.encoders.image import ImageEncoder
 from cirlab.encoders.text import TextEncoder
 from cirlab.models.base import CIRModel, VectorCompositionModel
-from cirlab.models.registry import register_model
+from cirlab.models.registration import register_model
 
 
 class ImageOnly(CIRModel):

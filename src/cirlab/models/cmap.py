@@ -61,7 +61,7 @@ from cirlab.encoders.multilevel import MultiLevelBackbone, MultiLevelImageEncode
 from cirlab.encoders.text import TextEncoder
 from cirlab.models.base import CIRModel
 from cirlab.models.options import parse_options
-from cirlab.models.registry import register_model
+from cirlab.models.registration import register_model
 
 QUERY_ROWS = 4  # m, E_m, A_m, A_p: the rows of a query state before its per-level reference views
 NORM_EPS = 1e-12  # F.normalize's floor on a norm

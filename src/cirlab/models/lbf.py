@@ -56,7 +56,7 @@ from cirlab.encoders.regions import (
 from cirlab.encoders.text import TextEncoder, Vocabulary, tokenize
 from cirlab.models.base import CIRModel
 from cirlab.models.options import parse_options
-from cirlab.models.registry import register_model
+from cirlab.models.registration import register_model
 
 COMBINES: tuple[str, ...] = ("sum", "concat")
 

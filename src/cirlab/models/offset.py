@@ -76,7 +76,7 @@ from cirlab.masks.batches import MaskedBatch, mask_images
 from cirlab.masks.sources import MASK_SOURCES, create_mask_source
 from cirlab.models.base import CIRModel
 from cirlab.models.options import parse_options
-from cirlab.models.registry import register_model
+from cirlab.models.registration import register_model
 
 REVISION_SPLITS: tuple[str, ...] = ("per_token", "code")
 FUSED_GLOBALS: tuple[str, ...] = ("mean", "first_token")

@@ -1,5 +1,8 @@
 """What the model sees of a split's images: decoded pixels held in memory, or cached backbone maps.
 
+The layer between the readers (`cirlab.data`, which list image paths) and the encoders and models
+(which take these batches); it knows neither.
+
 CSS-size images are tiny, so decoding each once and keeping uint8 tensors beats reading PNGs
 every step. With a frozen backbone, its feature maps are computed once (eval mode, the same
 preprocessing as evaluation) and training runs on them, skipping the backbone entirely; a multi-level
@@ -11,17 +14,46 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 from tqdm import tqdm
 
-from cirlab.acceleration import to_device
-from cirlab.encoders.image import ImageEncoder
-from cirlab.encoders.multilevel import LevelMaps, MultiLevelImageEncoder
+from cirlab.devices import to_device
 from cirlab.images import fit_image, load_image, normalise
+
+
+@dataclass
+class LevelMaps:
+    """A batch of a multi-level backbone's maps (lowest level first), such as cached ones: a
+    `MultiLevelImageEncoder` takes it wherever it takes pixels."""
+
+    maps: tuple[Tensor, ...]
+
+    def __len__(self) -> int:
+        return len(self.maps[0])
+
+    # The slice of the tensor API that the training loop applies to any batch (the device for autocast,
+    # channels-last conversion of 4-D batches).
+    @property
+    def device(self) -> torch.device:
+        return self.maps[0].device
+
+    def dim(self) -> int:
+        return self.maps[0].dim()
+
+    def contiguous(self, memory_format: torch.memory_format = torch.contiguous_format) -> LevelMaps:
+        return LevelMaps(tuple(level.contiguous(memory_format=memory_format) for level in self.maps))
+
+
+class FrozenBackbone(Protocol):
+    """An image encoder whose backbone maps can be cached: `ImageEncoder` or `MultiLevelImageEncoder`."""
+
+    backbone: nn.Module
 
 
 class ImageBatches(Protocol):
@@ -70,7 +102,7 @@ class CachedMaps:
     """Backbone feature maps of every image, computed once in eval mode, stored in float16: one map per
     image, or for a multi-level backbone one per level (batches are then `LevelMaps`)."""
 
-    def __init__(self, encoder: ImageEncoder | MultiLevelImageEncoder, images: PixelImages,
+    def __init__(self, encoder: FrozenBackbone, images: PixelImages,
                  device: torch.device | str, batch_size: int = 256, progress: bool = True) -> None:
         chunks = []
         was_training = encoder.backbone.training

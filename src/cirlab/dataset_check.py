@@ -1,4 +1,6 @@
-"""`cirlab data check`: every problem of a dataset on disk, each with its file and record."""
+"""`cirlab data check`: every problem of a dataset on disk, each with its file and record.
+
+Above `cirlab.data` rather than in it: besides the readers it decodes every image through `cirlab.images`."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from cirlab.data.cirr import check_cirr
-from cirlab.data.css import EDIT_REGIONS_3D_FILE, IMAGES_3D_DIR, IMAGES_DIR, load_css
+from cirlab.data.css import load_css
+from cirlab.data.css_vocabulary import EDIT_REGIONS_3D_FILE, IMAGES_3D_DIR, IMAGES_DIR
 from cirlab.data.errors import DataFormatError
 from cirlab.data.fashion200k import check_fashion200k
 from cirlab.data.fashioniq import check_fashioniq
