@@ -27,12 +27,12 @@ from cirlab.checkpoint import load_checkpoint  # noqa: E402
 from cirlab.config import load_config  # noqa: E402
 from cirlab.data.benchmarks import load_splits  # noqa: E402
 from cirlab.data.regions import EDIT_REGIONS_FILE  # noqa: E402
-from cirlab.data.tensors import CachedMaps, ImageBatches, PixelImages  # noqa: E402
 from cirlab.devices import resolve_device  # noqa: E402
 from cirlab.evaluate import css_protocol, evaluate_split  # noqa: E402
 from cirlab.explain.metrics import METRICS  # noqa: E402
 from cirlab.explain.quality import explanation_quality  # noqa: E402
 from cirlab.explain.supervision import EditMasks  # noqa: E402
+from cirlab.image_batches import CachedMaps, ImageBatches, PixelImages  # noqa: E402
 from cirlab.train import BEST, train  # noqa: E402
 
 NAMES = {"pointing_game": "pointing game", "energy_in_mask": "energy in mask", "pxap": "PxAP"}
@@ -83,8 +83,10 @@ def main() -> None:
                                               seed=seed)
                 runs.setdefault(f"{model} {variant}", []).append(
                     {"R@1": recall["R@1"], "seconds": seconds, "per_edit": quality["maps"]["mmgrad"]})
-                for baseline in ("random", "centre_prior"):
-                    baselines.setdefault(baseline, []).append(quality["maps"][baseline])
+                if (model, variant) == (args.models[0], "plain"):
+                    # The baselines need no model and use the seed's query sample: one entry per seed, not per run.
+                    for baseline in ("random", "centre_prior"):
+                        baselines.setdefault(baseline, []).append(quality["maps"][baseline])
                 print(f"{name}: R@1 {recall['R@1']:.1f}, " + ", ".join(
                     f"{NAMES[m]} {100 * quality['maps']['mmgrad']['macro'][m]:.1f}" for m in METRICS), flush=True)
         # The table of the seeds done so far, so that a stopped run keeps them (the title names those seeds).

@@ -1,11 +1,18 @@
-"""What machine and command a benchmark ran on, printed with every table."""
+"""What machine, command, date and commit a benchmark ran on, printed with every table and kept in its JSON.
+
+`publish` writes OUT/results.md (the table as printed) and OUT/results.json (the same table, the raw numbers
+and where they came from). Copying that JSON to benchmarks/results/NAME.json publishes it: docs/results.md
+and the README's summary are generated from those files by benchmarks/render_results.py.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +37,31 @@ def command_line() -> str:
     return "python " + " ".join(sys.argv)
 
 
+def source_commit() -> str:
+    """The commit the benchmark's code came from, "+dirty" when the work tree differs from it."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no").strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+COMMIT = source_commit()  # read when the benchmark starts: the code it ran, whatever is edited meanwhile
+
+
 def publish(out: Path, table: str, details: dict[str, Any]) -> None:
-    """Print the table, and keep it in OUT/results.md with the raw numbers (and the machine) in results.json."""
+    """Print the table, and keep it in OUT/results.md, and in OUT/results.json with the raw numbers, the
+    benchmark's name, command, machine, date and commit."""
     print("\n" + table)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    record = {"benchmark": Path(sys.argv[0]).stem, "command": command_line(), "machine": describe_machine(),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": COMMIT,
+              "markdown": table, "details": details}
     atomic_write_text(out / "results.md", table + "\n")
-    atomic_write_text(out / "results.json", json.dumps({**details, "machine": describe_machine()}, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(record, indent=2))
