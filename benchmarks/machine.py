@@ -12,7 +12,7 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,8 @@ def command_line() -> str:
 
 
 def source_commit() -> str:
-    """The commit the benchmark's code came from, "+dirty" when the work tree differs from it."""
+    """The commit the benchmark's code came from, "+dirty" when the code or recipes in the work tree differ from
+    it (edits to docs do not count: they change no number)."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str:
@@ -46,7 +47,9 @@ def source_commit() -> str:
 
     try:
         commit = git("rev-parse", "HEAD").strip()
-        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no").strip() else "")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks", "configs",
+                      "pyproject.toml").strip()
+        return commit + ("+dirty" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
 
@@ -61,7 +64,7 @@ def publish(out: Path, table: str, details: dict[str, Any]) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": Path(sys.argv[0]).stem, "command": command_line(), "machine": describe_machine(),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": COMMIT,
+              "date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": COMMIT,
               "markdown": table, "details": details}
     atomic_write_text(out / "results.md", table + "\n")
     atomic_write_text(out / "results.json", json.dumps(record, indent=2))
