@@ -260,3 +260,19 @@ def test_explain_cli_writes_a_deterministic_overlay(tiny_css, tmp_path, capsys):
     assert "hottest pixel" in capsys.readouterr().out
     assert main([*args[:5], "  ", *args[6:], "--out", str(tmp_path / "c.png")]) == 2
     assert not (tmp_path / "c.png").exists()
+
+
+def test_mmgrad_in_train_mode_gives_identical_images_a_zero_map(images):
+    """The training loss calls MMGrad in train mode: both passes must share one dropout mask, or the
+    difference of two identical images is dropout noise."""
+    torch.manual_seed(0)
+    config = load_config(None, ["model.image_backbone=resnet18", "model.image_weights=null",
+                                "model.backbone_upto=layer2", "model.embed_dim=16"]).model
+    model = create_model(config, Vocabulary.build(["make red"])).train()
+    assert any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in model.modules())
+    reference, target = images
+    same = mmgrad(model, reference, TEXTS, reference.clone())
+    assert torch.count_nonzero(same) == 0
+    different = mmgrad(model, reference, TEXTS, target)
+    assert torch.count_nonzero(different) > 0
+    assert model.training  # MMGrad leaves the mode as it found it

@@ -138,6 +138,12 @@ def mmgrad(model: CIRModel, reference: Tensor, texts: list[str], target: Tensor,
     the plain CIR score baseline, which is `query_target_gradcam`.
     ``side``: whose backbone map the gradient is taken w.r.t.: ``reference`` (the default, "where
     in my image the text asks for a change") or ``target`` ("where the change appears").
+
+    The two images' passes draw the same random numbers (the generator is rewound before each), so in train
+    mode, as the MMGrad training loss runs it, both see one dropout mask: |z_r - z_g| measures the images'
+    difference, not dropout noise, and two identical images give a zero scalar. (Two independent masks, as a
+    plain second call draws, made the scalar of two identical images nearly as large as that of two different
+    ones.)
     """
     _check_side(side)
     if scalar not in MMGRAD_SCALARS:
@@ -145,13 +151,34 @@ def mmgrad(model: CIRModel, reference: Tensor, texts: list[str], target: Tensor,
     if scalar == "retrieval_score":
         return query_target_gradcam(model, reference, texts, target, side, create_graph)
     explained, other = (reference, target) if side == "reference" else (target, reference)
+    replay = RandomReplay(explained.device)
     with torch.enable_grad():
-        z_other = model.encode_queries(other, texts)
+        other_map = model.image_encoder.feature_map(other)
+        replay.rewind()
+        explained_map = _explained_map(model, explained)
+        replay.rewind()
+        z_other = model.encode_queries(other_map, texts)
 
         def score_fn(fmap: Tensor) -> Tensor:
+            replay.rewind()
             return mmgrad_scalar(model.encode_queries(fmap, texts), z_other, scalar, top_fraction)
 
-        return gradcam(score_fn, _explained_map(model, explained), create_graph)
+        return gradcam(score_fn, explained_map, create_graph)
+
+
+class RandomReplay:
+    """Rewinds torch's CPU generator (and that of a CUDA `device`) to where they stood when this was made, so
+    that two passes draw the same random numbers: the same dropout masks and stochastic-depth choices."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def rewind(self) -> None:
+        torch.set_rng_state(self.cpu_state)
+        if self.cuda_state is not None:
+            torch.cuda.set_rng_state(self.cuda_state, self.device)
 
 
 def upsample_map(cam: Tensor, size: tuple[int, int]) -> Tensor:
