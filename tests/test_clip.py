@@ -226,3 +226,20 @@ def test_training_on_frozen_cached_towers_keeps_them_as_loaded(saved, tiny_css, 
     loaded = create_model(config.model, None).state_dict()
     towers = [key for key in trained if key.startswith(("image_encoder.", "text_encoder."))]
     assert len(towers) > 40 and all(torch.equal(trained[key], loaded[key]) for key in towers)
+
+
+def test_a_training_step_keeps_clips_batchnorm_in_eval_mode_while_its_weights_learn(saved):
+    """CLIP4Cir calls clip_model.eval() once and fine-tunes from there: running statistics stay pretrained."""
+    _, path = saved["cirlab-tiny-rn"]
+    tower = create_clip_backbone("clip:cirlab-tiny-rn", path).train()
+    norms = [module for module in tower.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    assert norms and not any(norm.training for norm in norms)
+    with torch.no_grad():  # open_clip zero-initialises each block's last BatchNorm, which would starve the others
+        for norm in norms:
+            norm.weight.fill_(1.0)
+    before = [norm.running_mean.clone() for norm in norms]
+    tower.pool(tower(torch.randn(4, 3, 64, 64))).square().sum().backward()
+    assert all(torch.equal(norm.running_mean, old) for norm, old in zip(norms, before, strict=True))
+    assert all(norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0 for norm in norms)
+    tower.batchnorm_statistics = "train"
+    assert all(norm.training for norm in tower.train().modules() if isinstance(norm, torch.nn.BatchNorm2d))

@@ -129,13 +129,21 @@ class CLIPImageTower(Backbone):
     out as B x width x 1 x (1 + N) (class token first, then the patches in raster order, before ln_post); for
     a ModifiedResNet (RN50, ...), the layer4 map B x C x h x w.
     `pool(map)` gives the projected image feature from either map, exactly as `encode_image` computes it.
+
+    The open_clip module stays in eval mode even while the tower trains (its weights still get gradients), as
+    CLIP4Cir's code does: it calls `clip_model.eval()` once and fine-tunes from there, so a ModifiedResNet's
+    BatchNorm layers keep their pretrained running statistics instead of re-estimating them from small
+    fine-tuning batches. `batchnorm_statistics="train"` lets them update (the usual PyTorch behaviour).
     """
 
     def __init__(self, name: str, visual: nn.Module, embed_dim: int, output: str,
-                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+                 mean: tuple[float, float, float], std: tuple[float, float, float],
+                 batchnorm_statistics: str = "frozen") -> None:
         from open_clip.modified_resnet import ModifiedResNet
         from open_clip.transformer import VisionTransformer
 
+        if batchnorm_statistics not in ("frozen", "train"):
+            raise ValueError(f"batchnorm_statistics must be 'frozen' or 'train', got {batchnorm_statistics!r}")
         if output not in CLIP_OUTPUTS:
             raise ValueError(f"unknown CLIP tower output {output!r} (model.backbone_upto); known: "
                              f"{', '.join(CLIP_OUTPUTS)}")
@@ -149,6 +157,7 @@ class CLIPImageTower(Backbone):
             channels = visual.transformer.width if kind == "vit" else visual.attnpool.k_proj.in_features
         super().__init__(visual, channels)  # `trunk` = the open_clip module, so its keys are open_clip's
         self.name, self.kind, self.output, self.embed_dim = name, kind, output, embed_dim
+        self.batchnorm_statistics = batchnorm_statistics
         size = visual.image_size  # every open_clip image tower has one; ints mean square
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
         # x_clip = (x * std_in + mean_in - mean_clip) / std_clip, folded into one scale and shift per channel.
@@ -156,6 +165,12 @@ class CLIPImageTower(Backbone):
         mean_clip, std_clip = torch.tensor(mean), torch.tensor(std)
         self.register_buffer("scale", (std_in / std_clip).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", ((mean_in - mean_clip) / std_clip).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> CLIPImageTower:
+        super().train(mode)
+        if self.batchnorm_statistics == "frozen":
+            self.trunk.eval()
+        return self
 
     @property
     def token_dim(self) -> int:
