@@ -91,6 +91,16 @@ def test_score_is_the_per_pair_definition():
                 expected[i, j] += (state[i, 4 + k] * F.normalize(preservation * t, dim=0)).sum()
     assert torch.allclose(model.score(state, targets), expected, atol=1e-5)
     assert torch.allclose(model.score(state, targets.reshape(5, -1)), expected, atol=1e-5)  # as an index stores them
+    # The code's EM-only and IS-only ablations score with one term; together they make the full score.
+    em_only, is_only = _model("model.options.scores=em"), _model("model.options.scores=is")
+    em_expected = torch.zeros(3, 5)
+    for i in range(3):
+        for j in range(5):
+            for k in range(3):
+                em_expected[i, j] += (state[i, 1] * F.normalize(state[i, 2] * targets[j, k], dim=0)).sum()
+    assert torch.allclose(em_only.score(state, targets), em_expected, atol=1e-5)
+    assert torch.allclose(is_only.score(state, targets), expected - em_expected, atol=1e-5)
+    assert not torch.allclose(em_expected, expected - em_expected, atol=1e-3)
     with pytest.raises(ValueError, match="B x 7 x d"):
         model.score(state[:, :6], targets)
 
@@ -125,6 +135,8 @@ def test_options_are_checked():
         _model("model.backbone_upto=layer3")
     with pytest.raises(ValueError, match="ordered from the lowest"):
         _model("model.options.levels=[layer3,layer2,layer4]")
+    with pytest.raises(ValueError, match="scores must be one of both, em, is"):
+        _model("model.options.scores=text")
 
 
 # -- multi-level features ---------------------------------------------------------------------------------

@@ -21,6 +21,9 @@ products, never one vector per query):
 
     s(i, j) = sum_k <E_m,i, L2N(A_m,i * t_j,k)> + <L2N(A_p,i * r_i,k), L2N(A_p,i * t_j,k)>
 
+[scores]: "both" (the default: the code's full model), "em" or "is", one of the two terms alone: the code's
+EM-only and IS-only ablations (`model_version`), which train and rank with that term only.
+
 `encode_queries` returns the query state B x (4 + L) x d: rows m, E_m, A_m, A_p, then L2N(A_p * r_k) for
 each level; `encode_targets` returns B x L x d (`score` also takes it flattened to B x L*d, as an index
 stores it).
@@ -65,6 +68,7 @@ from cirlab.models.registration import register_model
 
 QUERY_ROWS = 4  # m, E_m, A_m, A_p: the rows of a query state before its per-level reference views
 NORM_EPS = 1e-12  # F.normalize's floor on a norm
+SCORES = ("both", "em", "is")  # which of the two per-level terms a CMAP scores with
 
 
 @dataclass
@@ -78,6 +82,7 @@ class CMAPOptions:
     sc_weight: float = 1.0
     sc_transformed_weight: float = 0.0
     logit_scale: float = 2.65926
+    scores: str = "both"                # "em" or "is": one term alone (the code's EM-only, IS-only)
 
     @classmethod
     def from_dict(cls, options: dict) -> CMAPOptions:
@@ -121,6 +126,8 @@ class CMAP(CIRModel):
                                  f"{', '.join(image_encoder.levels)}), got {getattr(options, name)}")
         if text_encoder.out_dim != embed_dim:
             raise ValueError(f"CMAP needs a text feature of embed_dim {embed_dim}, got {text_encoder.out_dim}")
+        if options.scores not in SCORES:
+            raise ValueError(f"CMAP option scores must be one of {', '.join(SCORES)}, got {options.scores!r}")
         self.options = options
         self.modification_attention = _attention_mlp(embed_dim)
         self.preservation_attention = _attention_mlp(embed_dim)
@@ -145,8 +152,11 @@ class CMAP(CIRModel):
         """Each level's exact B x N score (EM + IS), top level first."""
         state, targets = self._per_level(state, targets)
         _, transformed, modification, preservation = state[:, :QUERY_ROWS].unbind(dim=1)
-        return [_normalized_products(transformed, modification, targets[:, k])
-                + _normalized_products(state[:, QUERY_ROWS + k], preservation, targets[:, k])
+        with_modification = self.options.scores in ("both", "em")
+        with_preservation = self.options.scores in ("both", "is")
+        return [(_normalized_products(transformed, modification, targets[:, k]) if with_modification else 0)
+                + (_normalized_products(state[:, QUERY_ROWS + k], preservation, targets[:, k])
+                   if with_preservation else 0)
                 for k in range(self.levels)]
 
     def score(self, queries: Tensor, targets: Tensor) -> Tensor:
