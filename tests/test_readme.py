@@ -139,3 +139,13 @@ def check_effect(args: list[str], printed: str, work: Path) -> None:
         assert Image.open(work / args[args.index("--explain") + 1]).size[0] > 0
     elif args[0] == "explain":
         assert Image.open(work / args[args.index("--out") + 1]).size[0] > 0
+
+
+def test_every_relative_link_of_the_readme_and_docs_resolves():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = [f"{page.relative_to(ROOT)}: {target}"
+              for page in pages for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+              if not target.startswith(("http://", "https://")) and not (page.parent / target).exists()]
+    assert broken == []
+    linked = set(re.findall(r"\]\(docs/([^)#]+)\)", (ROOT / "README.md").read_text()))
+    assert {page.name for page in pages[1:]} <= linked  # every docs/ page is reachable from the README
