@@ -39,7 +39,7 @@ def command_line() -> str:
 
 def source_commit() -> str:
     """The commit the benchmark's code came from, "+dirty" when the code or recipes in the work tree differ from
-    it (edits to docs do not count: they change no number)."""
+    it (edits to docs and published results do not count: they change no number)."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str:
@@ -47,7 +47,7 @@ def source_commit() -> str:
 
     try:
         commit = git("rev-parse", "HEAD").strip()
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks", "configs",
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks/*.py", "configs",
                       "pyproject.toml").strip()
         return commit + ("+dirty" if changed else "")
     except (OSError, subprocess.CalledProcessError):
