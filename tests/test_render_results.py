@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,3 +70,10 @@ def test_a_results_file_without_its_provenance_is_refused(tmp_path: Path) -> Non
     (tmp_path / "bad.json").write_text(json.dumps(record))
     with pytest.raises(RenderError, match="bad.json: missing commit"):
         load_results(tmp_path)
+
+
+def test_the_committed_pages_are_what_the_renderer_writes() -> None:
+    """docs/results.md and the README's summary are generated, so regenerating them changes nothing."""
+    run = subprocess.run([sys.executable, "benchmarks/render_results.py", "--check"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
