@@ -71,5 +71,5 @@ def run_demo(out: Path, config_path: Path, data_root: Path | None = None) -> dic
           f"  cirlab eval {out / 'tirg' / BEST}                  # re-evaluate a checkpoint\n"
           "  cirlab data make-css data/css-full --preset full     # TIRG-scale synthetic CSS\n"
           "  cirlab train --config configs/css/tirg.yaml --set data.root=data/css-full --out runs/tirg\n"
-          "  python benchmarks/css_quality.py --help              # the README's quality table")
+          "  python benchmarks/css_quality.py --help              # the quality table of docs/results.md")
     return results
