@@ -134,10 +134,11 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def pixels_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """ImageNet-normalised pixels (B x 3 x H x W) back to the uint8 images they came from (B x H x W x 3)."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    restored = ((images.detach().float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    """ImageNet-normalised pixels (B x 3 x H x W) back to the uint8 images they came from (B x H x W x 3): the
+    inverse of `normalise`, with the same constants."""
+    floats = images.detach().float()
+    restored = ((floats * _STD.to(floats.device) + _MEAN.to(floats.device)) * 255).round().clamp(0, 255)
+    restored = restored.to(torch.uint8)
     return restored.permute(0, 2, 3, 1).cpu().numpy()
 
 
