@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("cirlab.masks",),
     ("cirlab.models", "cirlab.losses"),                # methods: know no dataset format
     ("cirlab.acceleration", "cirlab.checkpoint", "cirlab.distributed", "cirlab.evaluate", "cirlab.explain",
-     "cirlab.report", "cirlab.train", "cirlab.dataset_check", "cirlab.demo"),
+     "cirlab.provenance", "cirlab.report", "cirlab.selection", "cirlab.train", "cirlab.dataset_check", "cirlab.demo"),
     ("cirlab.index",),                                 # loads checkpoints to embed a gallery; knows no web
     ("cirlab.serve",),
     ("cirlab.cli", "cirlab.__main__"),

@@ -78,7 +78,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         result = train(config, Path(args.out), resume=args.resume, overwrite=args.overwrite, ctx=ctx)
     if ctx.is_main:
         best = {metric: round(value, 2) for metric, value in result.best_val.items()}
-        print(f"best validation {json.dumps(best)}; checkpoint: {result.run_dir / 'best'}")
+        chosen = f"best validation {json.dumps(best)}" if best else "the last checkpoint (no validation)"
+        print(f"{chosen}; checkpoint: {result.run_dir / 'best'}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:

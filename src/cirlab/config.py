@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 class DataConfig:
     format: str = "css"
     root: str = "data/css-demo"
-    # Fraction of training *source images* held out as the validation split for checkpoint selection.
+    # Fraction of training *source images* held out as the validation split (train.selection=carve).
     val_fraction: float = 0.1
     # Side of the square images the model sees: the shorter side is resized to it, then centre-cropped.
     # null keeps the files' own size (CSS: every image is 64 x 64 already).
@@ -110,8 +110,17 @@ class TrainConfig:
     # 1.0 keeps them in the main group.
     text_lr_mult: float = 1.0
     lr_decay_every: int | None = None
+    # Steps at which the lr is multiplied by lr_decay_factor (OFFSET: epochs 4 and 9); not with lr_decay_every.
+    lr_milestones: list[int] | None = None
     lr_decay_factor: float = 0.1
     eval_every: int = 1000
+    # Which checkpoint `best` is (see cirlab.selection): "carve" (best on a validation split carved from train,
+    # data.val_fraction), "val" (best on the benchmark's own val split: FashionIQ, CIRR) or "last".
+    selection: str = "carve"
+    # The validation metric that picks `best`; null: R@1 for carve, "avg" (the benchmark's headline) for val.
+    select_metric: str | None = None
+    # Stop after this many evaluations in a row without a better validation metric (null: never).
+    early_stop_patience: int | None = None
     log_every: int = 50
     seed: int = 0
     device: str = "auto"

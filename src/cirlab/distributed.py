@@ -154,6 +154,14 @@ class DistContext:
         dist.broadcast(data, src=0)
         return bytes(data.cpu().numpy()).decode().split(_SEPARATOR)
 
+    def broadcast_flag(self, flag: bool) -> bool:
+        """Rank 0's `flag` on every rank (a decision only rank 0 can make, such as early stopping)."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int64, device=self.device)
+        dist.broadcast(value, src=0)
+        return bool(value.item())
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)

@@ -37,6 +37,7 @@ from cirlab.files import atomic_write_text
 from cirlab.image_batches import CachedMaps, ImageBatches, PixelImages
 from cirlab.masks.batches import attach_masks
 from cirlab.models.base import CIRModel
+from cirlab.provenance import describe_selection
 
 
 @dataclass(frozen=True)
@@ -297,10 +298,12 @@ def evaluate_checkpoint(folder: Path, overrides: list[str] | None = None, progre
     metrics = evaluate_benchmark(model, benchmark, device, config.data.image_size, config.protocol.ks, progress,
                                  image_cache)
     first = benchmark.evalsets[0]
+    provenance = {"checkpoint": describe_selection(config)}
     result = {"checkpoint": str(folder), "benchmark": config.data.format, "split": first.split,
               "queries": sum(len(e.queries) for e in benchmark.evalsets),
               "gallery": sum(len(e.gallery) for e in benchmark.evalsets),
-              "protocol": first.protocol, "protocol_text": "\n".join(e.describe() for e in benchmark.evalsets),
+              "protocol": {**first.protocol, **provenance}, "protocol_text": "\n".join(
+                  [*(e.describe() for e in benchmark.evalsets), "; ".join(f"{k}: {v}" for k, v in provenance.items())]),
               "metrics": metrics, "config": config.to_dict()}
     if explain_queries:
         result["explanations"] = evaluate_explanations(model, config, first.split, device, explain_queries,

@@ -40,7 +40,7 @@ def plot_training_curves(metrics_files: dict[str, Path], out: Path) -> None:
     for name, path in metrics_files.items():
         records = read_metrics(path)
         losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
-        recalls = [(r["step"], r["val"]["R@1"]) for r in records if "val" in r]
+        recalls = [(r["step"], r["val"]["R@1"]) for r in records if "R@1" in r.get("val", {})]
         if losses:
             loss_axis.plot(*zip(*losses), label=name)
         if recalls:

@@ -2,7 +2,8 @@
 cirlab.distributed), checkpoints and exact resume.
 
 Recipe defaults follow the TIRG code (SGD, momentum 0.9, lr 0.01, batch 32, soft triplet on CSS).
-Checkpoints are selected on a validation split carved from the training data, never on test.
+Checkpoints are selected as `train.selection` says (cirlab.selection: a validation split carved from the training
+data by default, the benchmark's own val split, or the last checkpoint), never on test.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ from cirlab.acceleration import autocast_dtype, grad_scaler, prepare_model, to_c
 from cirlab.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from cirlab.config import Config
 from cirlab.data.benchmarks import css_renders, load_benchmark
-from cirlab.data.records import Query, RetrievalSplit, carve_validation
+from cirlab.data.records import Query, RetrievalSplit
 from cirlab.devices import resolve_device
 from cirlab.distributed import DistContext
 from cirlab.encoders.image import create_backbone
 from cirlab.encoders.regions import REGION_CACHE, attach_regions
 from cirlab.encoders.text import Vocabulary
-from cirlab.evaluate import css_protocol, evaluate_split
 from cirlab.explain.supervision import EditMasks, edit_masks, pixel_difference_masks
 from cirlab.explain.training import check_mmgrad_config, mmgrad_attention_loss
 from cirlab.image_batches import CachedMaps, ImageBatches, PixelImages
@@ -40,6 +40,7 @@ from cirlab.losses import batch_classification_loss, sample_soft_triplets, soft_
 from cirlab.masks.batches import attach_masks
 from cirlab.models.base import CIRModel
 from cirlab.models.registry import create_model
+from cirlab.selection import Selection, checkpoint_selection
 
 BEST, LAST, METRICS = "best", "last", "metrics.jsonl"
 
@@ -191,9 +192,18 @@ def build_optimizer(model: CIRModel, config: Config) -> torch.optim.Optimizer:
                            weight_decay=config.train.weight_decay)
 
 
+def learning_rate_factor(config: Config, step: int) -> float:
+    """The lr multiplier at `step` (0-based): lr_decay_factor once per lr_decay_every steps, or once per
+    lr_milestones step passed."""
+    every, milestones = config.train.lr_decay_every, config.train.lr_milestones
+    if every and milestones:
+        raise ValueError("set train.lr_decay_every or train.lr_milestones, not both")
+    decays = step // every if every else sum(step >= milestone for milestone in milestones or [])
+    return config.train.lr_decay_factor ** decays
+
+
 def _set_learning_rate(optimizer: torch.optim.Optimizer, config: Config, step: int) -> None:
-    every = config.train.lr_decay_every
-    factor = config.train.lr_decay_factor ** (step // every) if every else 1.0
+    factor = learning_rate_factor(config, step)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
 
@@ -272,9 +282,11 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     ctx = ctx or DistContext(device=resolve_device(config.train.device))
     device, progress = ctx.device, progress and ctx.is_main
     torch.manual_seed(config.train.seed)
+    learning_rate_factor(config, 0)  # refuses a contradictory schedule before any work
     train_split = load_benchmark(config).train
-    train_part, val_part = carve_validation(train_split, config.data.val_fraction, config.train.seed)
     image_cache = image_cache if image_cache is not None else {}
+    selection = checkpoint_selection(config, train_split, image_cache)
+    train_part = selection.train_part
     pixels_key = _pixels_key(config)
     if pixels_key not in image_cache:
         image_cache[pixels_key] = PixelImages(train_split.image_paths, progress=progress, size=config.data.image_size)
@@ -314,7 +326,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     sampler = make_sampler(config.train.sampler, train_part, config.train.batch_size * ctx.world_size,
                            config.train.seed)
     triplet_rng = torch.Generator().manual_seed(config.train.seed)
-    start_step, best = 0, {"R@1": -1.0}
+    start_step, best, stale = 0, {}, 0
     if resume:
         optimizer_from_tensors(optimizer, checkpoint.trainer_tensors, checkpoint.trainer_state["optimizer"])
         sampler.restore(checkpoint.trainer_state["sampler"])
@@ -324,14 +336,13 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             torch.cuda.set_rng_state(checkpoint.trainer_tensors[ctx.key("rng.cuda")], device)
         scaler.load_state_dict(checkpoint.trainer_state.get("grad_scaler", {}))
         start_step, best = checkpoint.trainer_state["step"], checkpoint.trainer_state["best_val"]
+        stale = checkpoint.trainer_state.get("evaluations_without_gain", 0)
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(run_dir / METRICS, fresh=not resume)
     if ctx.is_main and not resume:
-        log.write({"config": config.to_dict(), "train_queries": len(train_part.queries),
-                   "val_queries": len(val_part.queries)})
-    protocol = css_protocol(config.protocol)
+        log.write({"config": config.to_dict(), **selection.record()})
     loss_fn = partial(model.training_loss, retrieval_loss=partial(compute_loss, config.train.loss,
                                                                   generator=triplet_rng))
     model.train()
@@ -358,18 +369,36 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         # Gathering every rank's RNG states (for an exact resume) is a collective: all ranks take part.
         rng_states = ctx.gather_states(_rng_tensors(triplet_rng, device)) if checkpointing else {}
         if ctx.is_main and checkpointing:
-            val = evaluate_split(model, val_part, images, protocol, device, progress=False)
-            log.write({"step": done, "val": val})
-            if val["R@1"] > best["R@1"]:
-                best = val
-                save_checkpoint(run_dir / BEST, model, config, vocab)
+            best, stale = _select(selection, model, images, device, best, stale, done, log,
+                                  lambda: save_checkpoint(run_dir / BEST, model, config, vocab))
             trainer_tensors, optimizer_meta = optimizer_to_tensors(optimizer)
             trainer_tensors.update(rng_states)
             save_checkpoint(run_dir / LAST, model, config, vocab, trainer_tensors,
-                            {"step": done, "best_val": best, "optimizer": optimizer_meta,
-                             "sampler": sampler.state(), "world_size": ctx.world_size,
+                            {"step": done, "best_val": best, "evaluations_without_gain": stale,
+                             "optimizer": optimizer_meta, "sampler": sampler.state(), "world_size": ctx.world_size,
                              "grad_scaler": scaler.state_dict()})
+        patience = config.train.early_stop_patience
+        if checkpointing and patience and ctx.broadcast_flag(stale >= patience):
+            if ctx.is_main:
+                log.write({"step": done, "early_stop": f"{stale} evaluations without a better {selection.metric}"})
+            break
     return TrainResult(run_dir, best)
+
+
+def _select(selection: Selection, model: CIRModel, images: ImageBatches, device: torch.device,
+            best: dict[str, float], stale: int, step: int, log: MetricsLog,
+            save_best: Callable[[], None]) -> tuple[dict[str, float], int]:
+    """Validate at a checkpoint and keep `best` as the selection says; returns the best validation metrics so
+    far and the number of evaluations in a row without a gain."""
+    val = selection.validate(model, images, device)
+    if val is None:  # the last checkpoint is the selected one
+        save_best()
+        return best, 0
+    log.write({"step": step, "val": val})
+    if not best or val[selection.metric] > best[selection.metric]:
+        save_best()
+        return val, 0
+    return best, stale + 1
 
 
 class AttentionTerm:
