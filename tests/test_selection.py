@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from cirlab.config import ConfigError, load_config
 from cirlab.evaluate import evaluate_checkpoint
+from cirlab.selection import metric_value
 from cirlab.train import learning_rate_factor, train
 
 TINY = ["model.image_backbone=resnet18", "model.image_weights=null", "model.backbone_upto=layer2",
@@ -94,3 +95,11 @@ def test_learning_rate_milestones():
     both = load_config(None, ["train.lr_milestones=[4]", "train.lr_decay_every=5"])
     with pytest.raises(ValueError, match="not both"):
         learning_rate_factor(both, 0)
+
+
+def test_select_metric_may_sum_metrics():
+    metrics = {"R@1": 10.0, "R@10": 40.0, "R@50": 75.5}
+    assert metric_value(metrics, "R@10") == 40.0
+    assert metric_value(metrics, "R@10 + R@50") == pytest.approx(115.5)
+    with pytest.raises(ConfigError, match="'R@5' is not among the validation metrics"):
+        metric_value(metrics, "R@1+R@5")

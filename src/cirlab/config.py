@@ -117,7 +117,7 @@ class TrainConfig:
     # Which checkpoint `best` is (see cirlab.selection): "carve" (best on a validation split carved from train,
     # data.val_fraction), "val" (best on the benchmark's own val split: FashionIQ, CIRR) or "last".
     selection: str = "carve"
-    # The validation metric that picks `best`; null: R@1 for carve, "avg" (the benchmark's headline) for val.
+    # The validation metric that picks `best`, or a sum ("R@10+R@50"); null: R@1 for carve, "avg" for val.
     select_metric: str | None = None
     # Stop after this many evaluations in a row without a better validation metric (null: never).
     early_stop_patience: int | None = None

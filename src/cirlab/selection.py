@@ -29,6 +29,17 @@ from cirlab.provenance import OWN_VALIDATION_SPLIT
 SELECTIONS: tuple[str, ...] = ("carve", "val", "last")
 
 
+def metric_value(metrics: dict[str, float], expression: str) -> float:
+    """The validation metric `expression` names: one metric ("R@1"), or a sum of several ("R@10+R@50", as the
+    OFFSET code selects on Shoes); a name the metrics lack raises ConfigError."""
+    names = [name.strip() for name in expression.split("+")]
+    missing = [name for name in names if name not in metrics]
+    if missing:
+        raise ConfigError(f"train.select_metric={expression!r}: {missing[0]!r} is not among the validation metrics "
+                          f"({', '.join(sorted(metrics))})")
+    return sum(metrics[name] for name in names)
+
+
 class Selection(ABC):
     """What the loop trains on, and how a checkpoint is judged."""
 
@@ -82,12 +93,8 @@ class BenchmarkValidation(Selection):
         self.split = split
 
     def validate(self, model: CIRModel, images: ImageBatches, device: torch.device) -> dict[str, float]:
-        metrics = evaluate_benchmark(model, self.benchmark, device, self.image_size, progress=False,
-                                     image_cache=self.image_cache)
-        if self.metric not in metrics:
-            raise ConfigError(f"train.select_metric={self.metric!r} is not among the validation metrics "
-                              f"({', '.join(sorted(metrics))})")
-        return metrics
+        return evaluate_benchmark(model, self.benchmark, device, self.image_size, progress=False,
+                                  image_cache=self.image_cache)
 
     def describe(self) -> str:
         queries = sum(len(e.queries) for e in self.benchmark.evalsets)

@@ -40,7 +40,7 @@ from cirlab.losses import batch_classification_loss, sample_soft_triplets, soft_
 from cirlab.masks.batches import attach_masks
 from cirlab.models.base import CIRModel
 from cirlab.models.registry import create_model
-from cirlab.selection import Selection, checkpoint_selection
+from cirlab.selection import Selection, checkpoint_selection, metric_value
 
 BEST, LAST, METRICS = "best", "last", "metrics.jsonl"
 
@@ -395,7 +395,7 @@ def _select(selection: Selection, model: CIRModel, images: ImageBatches, device:
         save_best()
         return best, 0
     log.write({"step": step, "val": val})
-    if not best or val[selection.metric] > best[selection.metric]:
+    if not best or metric_value(val, selection.metric) > metric_value(best, selection.metric):
         save_best()
         return val, 0
     return best, stale + 1
