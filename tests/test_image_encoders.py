@@ -9,13 +9,18 @@ from torch import nn
 from torchvision import transforms
 from torchvision.models import resnet18
 
+from cirlab.config import load_config
 from cirlab.encoders.efficientnet_lite import EfficientNetLite0, default_weights_path
 from cirlab.encoders.image import (
+    RESNET_ENDS,
     Backbone,
     ImageEncoder,
     create_backbone,
+    image_initialisation,
 )
+from cirlab.encoders.text import Vocabulary
 from cirlab.images import IMAGENET_MEAN, IMAGENET_STD
+from cirlab.models.registry import create_model
 
 IMAGENET_CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -39,13 +44,114 @@ def test_efficientnet_lite0_classifies_chelsea_as_a_cat() -> None:
     assert probs[top] > 0.3
 
 
-def test_efficientnet_default_weights_differ_from_random() -> None:
+@pytest.mark.parametrize("random_init", [None, "random"])
+def test_efficientnet_default_weights_differ_from_random(random_init: str | None) -> None:
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 64)
     pretrained = create_backbone("efficientnet_lite0", weights="default").eval()
-    random = create_backbone("efficientnet_lite0", weights=None).eval()
+    random = create_backbone("efficientnet_lite0", weights=random_init).eval()
+    bundled = torch.load(default_weights_path(), map_location="cpu", weights_only=True)
+    assert torch.equal(pretrained.trunk.state_dict()["_conv_stem.weight"], bundled["_conv_stem.weight"])
+    assert not torch.equal(random.trunk.state_dict()["_conv_stem.weight"], bundled["_conv_stem.weight"])
     with torch.no_grad():
         assert not torch.allclose(pretrained(x), random(x))
+
+
+# -- where the weights come from --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "file"), [
+    ("resnet18", "resnet18-f37072fd.pth"), ("resnet50", "resnet50-0676ba61.pth")])
+def test_resnet_default_weights_refuse_and_name_the_file(name: str, file: str) -> None:
+    with pytest.raises(ValueError) as refusal:
+        create_backbone(name, weights="default")
+    message = str(refusal.value)
+    assert "model.image_weights" in message
+    assert f"model.image_weights=weights/{file}" in message  # the first way out: a local file
+    assert "IMAGENET1K_V1" in message
+    assert "model.image_weights=random" in message  # the second: train from scratch, said so
+    with pytest.raises(ValueError, match=file):
+        create_backbone(name)  # "default" is what an unset weights argument means
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_random_weights_are_the_same_random_init_as_none(name: str) -> None:
+    torch.manual_seed(3)
+    spelled = create_backbone(name, weights="random").state_dict()
+    torch.manual_seed(3)
+    code = create_backbone(name, weights=None).state_dict()
+    assert spelled.keys() == code.keys()
+    assert all(torch.equal(spelled[key], code[key]) for key in spelled)
+
+
+def test_random_weights_reach_a_clip_tower_as_random_init() -> None:
+    pytest.importorskip("open_clip")
+    torch.manual_seed(4)
+    spelled = create_backbone("clip:cirlab-tiny-vit", weights="random").state_dict()
+    torch.manual_seed(4)
+    code = create_backbone("clip:cirlab-tiny-vit", weights=None).state_dict()
+    assert all(torch.equal(spelled[key], code[key]) for key in spelled)
+
+
+def test_paper_recipe_loads_a_stand_in_imagenet_file(tmp_path: Path) -> None:
+    """configs/css/tirg.yaml with a random ResNet-18 state dict in the ImageNet file's place: every trunk
+    tensor of the built model is the file's."""
+    torch.manual_seed(5)
+    state = resnet18(weights=None).state_dict()
+    path = tmp_path / "resnet18-f37072fd.safetensors"
+    save_file(state, str(path))
+    config = load_config("configs/css/tirg.yaml", [f"model.image_weights={path}"])
+    model = create_model(config.model, Vocabulary.build(["make it red"]))
+    trunk = model.image_encoder.backbone.trunk.state_dict()
+    assert trunk.keys() == {key for key in state if not key.startswith("fc.")}
+    assert all(torch.equal(trunk[key], state[key]) for key in trunk)
+    assert image_initialisation(config.model.image_backbone, config.model.image_weights) == \
+        f"ImageNet weights from {path}"
+    missing = tmp_path / "resnet18-f37072fd.pth"
+    config = load_config("configs/css/tirg.yaml", [f"model.image_weights={missing}"])
+    with pytest.raises(ValueError, match=f"model.image_weights={missing}: no such file.*image_weights=random"):
+        create_model(config.model, Vocabulary.build(["make it red"]))
+
+
+@pytest.mark.parametrize(("backbone", "weights", "text"), [
+    ("resnet18", "random", "random init"),
+    ("resnet50", None, "random init"),
+    ("resnet18", "weights/resnet18-f37072fd.pth", "ImageNet weights from weights/resnet18-f37072fd.pth"),
+    ("resnet50", "/data/resnet50-0676ba61.safetensors", "ImageNet weights from /data/resnet50-0676ba61.safetensors"),
+    ("resnet50", "weights/resnet18-f37072fd.pth", "weights from weights/resnet18-f37072fd.pth"),  # not resnet50's
+    ("resnet18", "runs/a/trunk.pth", "weights from runs/a/trunk.pth"),
+    ("efficientnet_lite0", "default", "bundled EfficientNet-Lite0 ImageNet weights"),
+    ("efficientnet_lite0", "random", "random init"),
+    ("efficientnet_lite0", "mine.pth", "weights from mine.pth"),
+    ("clip:ViT-B-32", "default", "random init"),
+    ("clip:ViT-B-32", "random", "random init"),
+    ("clip:ViT-B-32", "open_clip:openai", "CLIP weights open_clip:openai (downloaded by open_clip)"),
+    ("clip:RN50-quickgelu", "weights/clip/rn50.safetensors", "CLIP weights from weights/clip/rn50.safetensors"),
+])
+def test_image_initialisation_says_where_the_weights_start(backbone: str, weights: str | None, text: str) -> None:
+    assert image_initialisation(backbone, weights) == text
+
+
+def test_image_initialisation_refuses_what_cannot_be_built() -> None:
+    with pytest.raises(ValueError, match="resnet50-0676ba61.pth"):
+        image_initialisation("resnet50", "default")
+    with pytest.raises(ValueError, match="unknown backbone 'vgg16'"):
+        image_initialisation("vgg16", "random")
+
+
+def test_every_resnet_recipe_names_its_imagenet_file_or_says_random() -> None:
+    """A recipe with a ResNet must say where its weights come from: a torchvision ImageNet file under weights/
+    (the papers' start), or "random" on purpose; never "default" or null."""
+    resnet_recipes = {}
+    for path in sorted(Path("configs").rglob("*.yaml")):
+        model = load_config(path).model
+        if model.image_backbone in RESNET_ENDS:
+            resnet_recipes[path.relative_to("configs").as_posix()] = (model.image_backbone, model.image_weights)
+    assert {"css/tirg.yaml", "css/lbf_big.yaml", "fashion200k/lbf_small.yaml", "mitstates/lbf_big.yaml",
+            "fashioniq/cmap.yaml"} <= resnet_recipes.keys()
+    for recipe, (backbone, weights) in resnet_recipes.items():
+        assert weights == "random" or (isinstance(weights, str) and Path(weights).parts[0] == "weights"), recipe
+        if weights != "random":
+            assert image_initialisation(backbone, weights).startswith("ImageNet weights from weights/"), recipe
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
 
 from cirlab.encoders.base import Backbone
-from cirlab.encoders.clip import create_clip_backbone
+from cirlab.encoders.clip import HUB_PREFIX, create_clip_backbone, is_clip_name
 from cirlab.encoders.efficientnet_lite import EfficientNetLite0, default_weights_path
 
 # Output channels of each ResNet stage: the trunk ends a backbone can be cut at.
@@ -23,6 +23,12 @@ _RESNETS = {"resnet18": resnet18, "resnet50": resnet50}
 BACKBONES: tuple[str, ...] = ("resnet18", "efficientnet_lite0", "resnet50")
 POOLINGS: tuple[str, ...] = ("gap", "flatten", "tower")
 FLATTEN_CHANNELS = 64
+# `model.image_weights` for random initialisation; None means the same in code (the checkpoint loader rebuilds
+# a model with it, as the weights then come from the checkpoint itself).
+RANDOM_INIT = "random"
+# torchvision's ImageNet state dicts (IMAGENET1K_V1, what `pretrained=True` loads in the TIRG and CMAP code).
+# No package ships them, so the paper recipes expect them under weights/.
+RESNET_IMAGENET_FILES: dict[str, str] = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-0676ba61.pth"}
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
@@ -66,18 +72,40 @@ def load_weights(model: nn.Module, path: str | Path, ignore_prefix: str) -> None
         raise ValueError(f"weights file {path} does not fit the model: {err}") from err
 
 
+def _is_random_init(weights: str | None) -> bool:
+    return weights is None or weights == RANDOM_INIT
+
+
+def _missing_resnet_weights(name: str, weights: str) -> ValueError:
+    """The refusal of "default" or of a file that is not there, with the two ways out."""
+    file = RESNET_IMAGENET_FILES[name]
+    problem = f"no {name} ImageNet weights ship with cirlab or its packages" if weights == "default" else "no such file"
+    return ValueError(
+        f"model.image_weights={weights}: {problem}. Download torchvision's {file} (IMAGENET1K_V1, "
+        f"https://download.pytorch.org/models/{file}) and set model.image_weights=weights/{file} (or another "
+        f"local path), or set model.image_weights={RANDOM_INIT} to train from scratch"
+    )
+
+
+def _unknown_backbone(name: str) -> ValueError:
+    return ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}, clip:<open_clip config>")
+
+
 def _resnet_backbone(name: str, weights: str | None, upto: str | None) -> Backbone:
     """torchvision ResNet-18/50 trunk (stem + layer1..upto, no avgpool/fc).
 
-    No ResNet weights are available offline, so ``weights="default"`` is the same
-    as ``None``: torchvision's random initialisation. Pass a local file for
-    pretrained weights (torchvision key layout; ``fc.*`` is ignored).
+    weights: None = torchvision's random initialisation, or a local file (torchvision key layout; ``fc.*`` is
+    ignored). "default" is refused, and so is a file that is not there, each with the two ways out: no ResNet
+    weights are available offline, and the papers' code starts from ImageNet, so a silent random start
+    would not be the recipe it claims to be.
     """
     upto, ends = upto or "layer4", RESNET_ENDS[name]
     if upto not in ends:
         raise ValueError(f"unknown {name} trunk end {upto!r}; known: {', '.join(ends)}")
+    if weights == "default" or (weights is not None and not Path(weights).is_file()):
+        raise _missing_resnet_weights(name, weights)
     net = _RESNETS[name](weights=None)
-    if weights not in (None, "default"):
+    if weights is not None:
         load_weights(net, weights, ignore_prefix="fc.")
     names = ["conv1", "bn1", "relu", "maxpool", *list(ends)[: list(ends).index(upto) + 1]]
     # Keeping torchvision's child names keeps the trunk's state-dict keys familiar.
@@ -86,7 +114,7 @@ def _resnet_backbone(name: str, weights: str | None, upto: str | None) -> Backbo
 
 
 def _efficientnet_lite0_backbone(weights: str | None, upto: str | None) -> Backbone:
-    """EfficientNet-Lite0 trunk; ``weights="default"`` = the bundled ImageNet weights."""
+    """EfficientNet-Lite0 trunk; ``weights="default"`` = the bundled ImageNet weights, None = random init."""
     net = EfficientNetLite0()
     trunk, channels = net.trunk(upto or "head")  # validates upto before any file is read
     if weights is not None:
@@ -97,20 +125,53 @@ def _efficientnet_lite0_backbone(weights: str | None, upto: str | None) -> Backb
 def create_backbone(name: str, weights: str | None = "default", upto: str | None = None) -> Backbone:
     """Build a backbone by name ("resnet18", "efficientnet_lite0" or "resnet50").
 
-    weights: None = random init, "default" = the backbone's offline default
-    (resnets: random init, as no ResNet weights are available offline;
-    efficientnet_lite0: the bundled ImageNet weights), or a local file path.
+    weights (``model.image_weights``): "random" or None = random init; a local file path; or "default" = the
+    backbone's offline default: efficientnet_lite0's bundled ImageNet weights. A ResNet has no offline
+    default, so "default" raises a ValueError naming the torchvision ImageNet file to give instead.
     upto: where to cut the trunk (resnets: "layer1".."layer4", default "layer4";
     efficientnet_lite0: "stage1".."stage7" or "head", default "head").
-    "clip:NAME" is an open_clip image tower (see cirlab.encoders.clip; upto "embedding" or "tokens").
+    "clip:NAME" is an open_clip image tower (see cirlab.encoders.clip; upto "embedding" or "tokens"; its
+    "default" is random init too).
     """
+    weights = None if _is_random_init(weights) else weights  # one spelling of random init for every builder
     if name in RESNET_ENDS:
         return _resnet_backbone(name, weights, upto)
     if name == "efficientnet_lite0":
         return _efficientnet_lite0_backbone(weights, upto)
-    if name.startswith("clip:"):  # open_clip is an optional dependency: clip.py imports it when a tower is built
+    if is_clip_name(name):  # open_clip is an optional dependency: clip.py imports it when a tower is built
         return create_clip_backbone(name, weights, upto)
-    raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}, clip:<open_clip config>")
+    raise _unknown_backbone(name)
+
+
+def image_initialisation(backbone: str, weights: str | None) -> str:
+    """Where `backbone`'s weights start from, in a few words for metrics files and result tables
+    (e.g. "random init", "ImageNet weights from weights/resnet18-f37072fd.pth").
+
+    A ResNet file is called ImageNet weights only when it has the name (any suffix) of torchvision's
+    ImageNet file; any other file is just "weights from PATH". A ResNet with "default" raises the same
+    ValueError as `create_backbone`, as no such model can be built.
+    """
+    if is_clip_name(backbone):
+        return _clip_initialisation(weights)
+    if backbone not in BACKBONES:
+        raise _unknown_backbone(backbone)
+    if _is_random_init(weights):
+        return "random init"
+    if backbone == "efficientnet_lite0":
+        return "bundled EfficientNet-Lite0 ImageNet weights" if weights == "default" else f"weights from {weights}"
+    if weights == "default":
+        raise _missing_resnet_weights(backbone, weights)
+    if Path(weights).stem == Path(RESNET_IMAGENET_FILES[backbone]).stem:
+        return f"ImageNet weights from {weights}"
+    return f"weights from {weights}"
+
+
+def _clip_initialisation(weights: str | None) -> str:
+    if _is_random_init(weights) or weights == "default":  # cirlab.encoders.clip: "default" is random init
+        return "random init"
+    if weights.startswith(HUB_PREFIX):
+        return f"CLIP weights {weights} (downloaded by open_clip)"
+    return f"CLIP weights from {weights}"
 
 
 class ImageEncoder(nn.Module):
