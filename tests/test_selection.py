@@ -12,7 +12,7 @@ from cirlab.evaluate import evaluate_checkpoint
 from cirlab.selection import metric_value
 from cirlab.train import learning_rate_factor, train
 
-TINY = ["model.image_backbone=resnet18", "model.image_weights=null", "model.backbone_upto=layer2",
+TINY = ["model.image_backbone=resnet18", "model.image_weights=random", "model.backbone_upto=layer2",
         "model.embed_dim=16", "train.batch_size=2", "train.iterations=4", "train.eval_every=2", "train.log_every=1",
         "data.image_size=16", "train.sampler=shuffled", "train.loss=batch_classification"]
 
@@ -33,12 +33,14 @@ def test_last_trains_on_everything_and_keeps_the_last_checkpoint(tmp_path):
     header = _records(run)[0]
     # two dress triplets, two caption orders each (cmap join): all four queries train, none held out
     assert header["train_queries"] == 4 and "val_queries" not in header
-    assert "last checkpoint" in header["selection"]
+    assert "last checkpoint" in header["selection"] and header["image_tower"] == "random init"
     assert not any("val" in r for r in _records(run))
     best, last = load_file(run / "best" / "model.safetensors"), load_file(run / "last" / "model.safetensors")
     assert all(torch.equal(best[k], last[k]) for k in last)
     result = evaluate_checkpoint(run / "best", progress=False)
     assert "the last one" in result["protocol"]["checkpoint"]
+    assert result["protocol"]["image tower"] == "random init"
+    assert "image tower: random init" in result["protocol_text"].splitlines()[-1]
 
 
 def test_carve_holds_out_part_of_train(tmp_path):

@@ -37,7 +37,7 @@ from cirlab.files import atomic_write_text
 from cirlab.image_batches import CachedMaps, ImageBatches, PixelImages
 from cirlab.masks.batches import attach_masks
 from cirlab.models.base import CIRModel
-from cirlab.provenance import describe_selection
+from cirlab.provenance import describe_start
 
 
 @dataclass(frozen=True)
@@ -298,7 +298,7 @@ def evaluate_checkpoint(folder: Path, overrides: list[str] | None = None, progre
     metrics = evaluate_benchmark(model, benchmark, device, config.data.image_size, config.protocol.ks, progress,
                                  image_cache)
     first = benchmark.evalsets[0]
-    provenance = {"checkpoint": describe_selection(config)}
+    provenance = describe_start(config)
     result = {"checkpoint": str(folder), "benchmark": config.data.format, "split": first.split,
               "queries": sum(len(e.queries) for e in benchmark.evalsets),
               "gallery": sum(len(e.gallery) for e in benchmark.evalsets),

@@ -5,6 +5,7 @@ initialised models are not comparable, so every result says both."""
 from __future__ import annotations
 
 from cirlab.config import Config
+from cirlab.encoders.image import image_initialisation
 
 # The benchmarks whose release has a validation split of its own, and what `protocol.split` calls it.
 OWN_VALIDATION_SPLIT: dict[str, str] = {"fashioniq": "val", "cirr": "val"}
@@ -20,3 +21,9 @@ def describe_selection(config: Config) -> str:
         split = OWN_VALIDATION_SPLIT.get(config.data.format, "val")
         return f"best {train.select_metric or 'avg'} on the benchmark's own {split} split"
     return "the last one (trained on the whole train split, no validation)"
+
+
+def describe_start(config: Config) -> dict[str, str]:
+    """Which checkpoint of its run a model is and where its image tower started, as a result states them."""
+    return {"checkpoint": describe_selection(config),
+            "image tower": image_initialisation(config.model.image_backbone, config.model.image_weights)}

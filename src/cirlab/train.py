@@ -29,7 +29,7 @@ from cirlab.data.benchmarks import css_renders, load_benchmark
 from cirlab.data.records import Query, RetrievalSplit
 from cirlab.devices import resolve_device
 from cirlab.distributed import DistContext
-from cirlab.encoders.image import create_backbone
+from cirlab.encoders.image import create_backbone, image_initialisation
 from cirlab.encoders.regions import REGION_CACHE, attach_regions
 from cirlab.encoders.text import Vocabulary
 from cirlab.explain.supervision import EditMasks, edit_masks, pixel_difference_masks
@@ -342,7 +342,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         run_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(run_dir / METRICS, fresh=not resume)
     if ctx.is_main and not resume:
-        log.write({"config": config.to_dict(), **selection.record()})
+        log.write({"config": config.to_dict(), **selection.record(),
+                   "image_tower": image_initialisation(config.model.image_backbone, config.model.image_weights)})
     loss_fn = partial(model.training_loss, retrieval_loss=partial(compute_loss, config.train.loss,
                                                                   generator=triplet_rng))
     model.train()
