@@ -89,6 +89,17 @@ def test_vit_token_map_holds_open_clips_own_patch_tokens(saved):
     assert tower.project_tokens(tokens).shape == (2, 16, 32)
 
 
+def test_vit_token_projection_is_clips_own_proj_that_pools_the_class_token(saved):
+    reference, path = saved["cirlab-tiny-vit"]
+    tower = create_clip_backbone("clip:cirlab-tiny-vit", path, "tokens").eval()
+    with torch.no_grad():
+        fmap = tower(torch.randn(2, 3, 32, 32))
+        class_token = tower.trunk.ln_post(fmap[:, :, 0, 0])
+        projected = tower.project_tokens(class_token)
+        assert torch.allclose(projected, class_token @ reference.visual.proj, atol=1e-6)   # the saved CLIP's proj
+        assert torch.allclose(projected, tower.pool(fmap), atol=1e-6)
+
+
 def test_resnet_token_projection_is_the_attention_pool_on_one_repeated_token(saved):
     _, path = saved["cirlab-tiny-rn"]
     tower = create_clip_backbone("clip:cirlab-tiny-rn", path, "tokens").eval()
@@ -111,6 +122,21 @@ def test_text_tokens_are_masked_from_start_to_end_token_and_pool_at_the_end(save
     assert mask.sum(dim=1).tolist() == [6, 16]
     ends = torch.tensor([5, 15])
     assert torch.allclose(tokens[torch.arange(2), ends] @ reference.text_projection, pooled, atol=1e-6)
+
+
+def test_text_pooled_and_tokens_come_from_one_pass_over_a_fixed_context(saved):
+    _, path = saved["cirlab-tiny-vit"]
+    text = create_clip_text_encoder("clip:cirlab-tiny-vit", None, path).eval()
+    calls = []
+    text.text.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        pooled, tokens, mask = text.pooled_and_tokens(TEXTS)
+        assert len(calls) == 1
+        assert torch.equal(pooled, text(TEXTS))
+        separate_tokens, separate_mask = text.forward_tokens(TEXTS)
+    assert torch.equal(tokens, separate_tokens) and torch.equal(mask, separate_mask)
+    assert text.context_length == 16 and tokens.shape[1] == 16
+    assert text.forward_tokens(TEXTS[:1])[0].shape[1] == 16   # a short text alone still has every position
 
 
 def test_frozen_tower_cached_features_give_the_uncached_outputs(tmp_path):

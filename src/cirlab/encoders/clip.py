@@ -225,8 +225,9 @@ class CLIPImageTower(Backbone):
         return tokens
 
     def project_tokens(self, tokens: Tensor) -> Tensor:
-        """... x token_dim -> ... x embed_dim with the tower's own output projection (ViT: `proj`; ResNet: the
-        attention pool's value and output maps, i.e. its output when all attention falls on that one token)."""
+        """... x token_dim -> ... x embed_dim with the tower's own output projection (ViT: `proj`, applied as is:
+        `pool` is this projection of the class token after ln_post; ResNet: the attention pool's value and output
+        maps, i.e. its output when all attention falls on that one token)."""
         self._needs_tokens()
         if self.kind == "resnet":
             attnpool = self.trunk.attnpool
@@ -257,8 +258,9 @@ class CLIPTextEncoder(TextEncoder):
     """An open_clip text tower behind cirlab's TextEncoder interface, with open_clip's own BPE tokenizer.
 
     forward: the projected text feature (CLIP's `encode_text`), B x embed_dim. forward_tokens: the ln_final
-    token features (unprojected, B x context_length x width) and a mask that is True from the start token to
-    the end token. Frozen (`trainable=False`): no gradients and no graph.
+    token features (unprojected, B x context_length x width: every text is padded to the tower's fixed
+    context) and a mask that is True from the start token to the end token; pooled_and_tokens gives both
+    from one pass. Frozen (`trainable=False`): no gradients and no graph.
     """
 
     def __init__(self, name: str, text: nn.Module, tokenizer: Any, trainable: bool = True) -> None:
@@ -277,6 +279,11 @@ class CLIPTextEncoder(TextEncoder):
     def train(self, mode: bool = True) -> CLIPTextEncoder:
         return super().train(mode and self.trainable)
 
+    @property
+    def context_length(self) -> int:
+        """The number of positions every text's tokens have (padding after the end token included)."""
+        return self.text.context_length
+
     def token_ids(self, texts: list[str]) -> Tensor:
         """B x context_length token ids (start, BPE tokens, end, zero padding; long texts are cut)."""
         return self.tokenizer(texts).to(self.device)
@@ -291,11 +298,17 @@ class CLIPTextEncoder(TextEncoder):
         return self._run(texts)[1]
 
     def forward_tokens(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        ids, _, tokens = self._run(texts)
+        return self.pooled_and_tokens(texts)[1:]
+
+    def pooled_and_tokens(self, texts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        ids, pooled, tokens = self._run(texts)
+        return pooled, tokens, self._real_tokens(ids)
+
+    def _real_tokens(self, ids: Tensor) -> Tensor:
         # Id 0 is both the padding and a real BPE token ("!"), so the mask ends at the end token instead.
         end = (ids == self.tokenizer.eot_token_id).int().argmax(dim=1)
         positions = torch.arange(ids.shape[1], device=ids.device)
-        return tokens, positions[None, :] <= end[:, None]
+        return positions[None, :] <= end[:, None]
 
 
 def create_clip_text_encoder(name: str, out_dim: int | None = None, weights: str | None = None,
