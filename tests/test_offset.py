@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from cirlab.checkpoint import load_checkpoint
 from cirlab.config import ModelConfig, load_config
 from cirlab.data.garments import generate_garments
+from cirlab.encoders.clip import create_clip_backbone
 from cirlab.encoders.image import ImageEncoder, create_backbone
 from cirlab.encoders.text import LSTMTextEncoder, Vocabulary
 from cirlab.evaluate import evaluate_checkpoint
@@ -42,6 +43,16 @@ def _offset(dim: int = 16, **options: object) -> OFFSET:
 
 def _pixels(count: int = 2, size: int = 32) -> torch.Tensor:
     return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _clip_offset(**options: object) -> OFFSET:
+    """OFFSET on the tiny random-init CLIP ViT (width 64, 4 x 4 patches, 32-d features, 16-token text context)."""
+    pytest.importorskip("open_clip")
+    config = ModelConfig(name="offset", embed_dim=32, image_backbone="clip:cirlab-tiny-vit", image_weights=None,
+                         backbone_upto="tokens", pooling="tower", text_encoder="clip:cirlab-tiny-vit",
+                         options={"masks": "none", "heads": 2, **options})
+    torch.manual_seed(0)
+    return create_model(config, None).eval()
 
 
 @pytest.mark.parametrize("points", [1, 3, 4, 8])
@@ -123,6 +134,8 @@ def test_options_and_inputs_are_checked(one_torch_thread):
         OffsetOptions.from_dict({"P": 4})
     with pytest.raises(ValueError, match="unknown OFFSET revision_split"):
         OffsetOptions.from_dict({"revision_split": "bogus"})
+    with pytest.raises(ValueError, match="unknown OFFSET text_tokens 'eot' \\(known: valid, all\\)"):
+        OffsetOptions.from_dict({"text_tokens": "eot"})
     with pytest.raises(ValueError, match="do not split into 5 heads"):
         _offset(heads=5)
     model = _offset()
@@ -134,8 +147,8 @@ def test_options_and_inputs_are_checked(one_torch_thread):
 
 def test_code_behaviours_change_the_output_not_the_shapes(one_torch_thread):
     outputs = {}
-    for name, options in {"default": {}, "first_token": {"fused_global": "first_token"},
-                          "code_split": {"revision_split": "code"}, "no_revision": {"revision": False}}.items():
+    for name, options in {"default": {}, "code_split": {"revision_split": "code"},
+                          "no_revision": {"revision": False}}.items():
         with torch.no_grad():
             outputs[name] = _offset(**options).encode_queries(_pixels(), TEXTS)
     assert all(output.shape == (2, 16) for output in outputs.values())
@@ -143,17 +156,66 @@ def test_code_behaviours_change_the_output_not_the_shapes(one_torch_thread):
 
 
 def test_any_tower_works_a_clip_vit(one_torch_thread):
-    pytest.importorskip("open_clip")
-    config = ModelConfig(name="offset", embed_dim=32, image_backbone="clip:cirlab-tiny-vit", image_weights=None,
-                         backbone_upto="tokens", pooling="tower", text_encoder="clip:cirlab-tiny-vit",
-                         options={"masks": "none", "heads": 2})
-    model = create_model(config, None).eval()
+    model = _clip_offset()
     tower = model.image_encoder.backbone
     with torch.no_grad():
         fmap = tower(_pixels())
         assert model._tokens(fmap).shape == (2, 16, 64)     # the 4 x 4 patch tokens, not the class token
         assert model.encode_targets(_pixels()).shape == (2, 8, 32)
         assert model.encode_queries(_pixels(), TEXTS).shape == (2, 32)
+
+
+def test_first_token_reads_the_fused_map_through_clips_own_projection(one_torch_thread):
+    """The code: G_v = [X̃'_0 @ visual.proj + g, g, ǧ], X̃'_0 the fused map's first position, with no new weights."""
+    model = _clip_offset(fused_global="first_token")
+    tower = model.image_encoder.backbone
+    assert "visual.global_projection.weight" not in model.state_dict()
+    assert "visual.global_projection.weight" in _clip_offset().state_dict()   # the mean readout has its own Linear
+    with torch.no_grad():
+        tower.trunk.proj.normal_()   # a projection unlike any other weight, so a stand-in could not match it
+        photo_map, mask_map = model._maps(_pixels())
+        photo_global, mask_global = tower.pool(photo_map), tower.pool(mask_map)
+        fused = model.visual.attention(model._tokens(photo_map), model._tokens(mask_map))
+        by_hand = torch.einsum("bc,cd->bd", fused[:, 0], tower.trunk.proj)
+        torch.testing.assert_close(model.visual.readout(fused), by_hand)
+        global_set = torch.stack([by_hand + photo_global, photo_global, mask_global], dim=1)
+        points = model.options.focus_channels
+        torch.testing.assert_close(model.encode_targets(_pixels())[:, :points], model.visual.focus(global_set))
+
+
+def test_first_token_needs_a_tower_projection_of_the_model_size(one_torch_thread):
+    with pytest.raises(ValueError, match="only CLIP towers have .*: use fused_global=mean"):
+        _offset(fused_global="first_token")
+    pytest.importorskip("open_clip")
+    image = ImageEncoder(create_clip_backbone("clip:cirlab-tiny-vit", upto="tokens"), out_dim=16, pooling="gap")
+    text = LSTMTextEncoder(Vocabulary.build(TEXTS), word_dim=8, hidden_dim=12, out_dim=16)
+    with pytest.raises(ValueError, match="projects to 32, not model.embed_dim=16"):
+        OFFSET(image, text, 16, OffsetOptions.from_dict({"masks": "none", "fused_global": "first_token"}))
+
+
+@pytest.mark.parametrize("positions", ["valid", "all"])
+def test_text_tokens_choose_the_positions_the_text_focus_pools(positions, one_torch_thread):
+    """With uniform focus weights (W_b = 0) the local text set is a plain mean: over the text's own tokens
+    (valid), or over all 16 positions of the CLIP context, padding included (all, the code's)."""
+    model = _clip_offset(text_tokens=positions)
+    texts = ["make it red", "a much longer text that runs past the sixteen tokens of the tiny text tower"]
+    with torch.no_grad():
+        model.textual.focus.weights[2].weight.zero_()
+        tokens, real = model.text_encoder.forward_tokens(texts)
+        assert real.sum(dim=1).tolist() == [5, 16]   # start, make, it, red, end; the long one fills the context
+        local = model.textual.local_projection(tokens)
+        weights = real.float() if positions == "valid" else torch.ones_like(real, dtype=torch.float)
+        expected = (local * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
+        points = model.options.focus_channels
+        pooled = model._textual(texts, torch.randn(2, 32))[:, points:]
+    torch.testing.assert_close(pooled, expected[:, None].expand(-1, points, -1))
+    short_mean_of_all = local[0].mean(dim=0)
+    assert torch.allclose(pooled[0, 0], short_mean_of_all) == (positions == "all")
+
+
+def test_all_text_positions_need_a_fixed_text_context(one_torch_thread):
+    with pytest.raises(ValueError, match="text_tokens=all .*LSTMTextEncoder pads to the batch's longest text"):
+        _offset(text_tokens="all")
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,20 @@ the text's global feature t_g (D) and tokens T (token_dim, with a padding mask).
   photo's and the mask's tokens (GroupNorm on each, heads [heads=4] with logits scaled by 1/sqrt(C),
   the full width, as the code), mask positions querying the photo (+ normalised photo) and photo
   positions querying the mask (+ normalised mask), fused per position by Linear(2C -> C) into X̃'.
-  Global set [Linear(summary(X̃')) + g, g, ǧ]; local set Linear(X̃') over the N tokens. The code
-  projects the summary with CLIP's own (fine-tuned) visual projection; here it is a Linear of its own,
-  which towers without such a projection (CNNs) need and which trains even when the tower is frozen.
+  Global set [readout(X̃') + g, g, ǧ]; local set Linear(X̃') over the N tokens. The readout
+  [fused_global]: `first_token` is the code's, X̃'_0 @ visual.proj, the fused map's first position
+  through the CLIP tower's own output projection (no second ln_post: X̃' is built from ln_post tokens),
+  so it adds no parameter and trains with the tower (frozen with it); `mean` is Linear(mean of X̃') of
+  its own. See bug 3 below for why `mean` is the default.
 - Textual focus mapping (TFM), queries only: the code's 1-D "cross-attention" between t_g and the
   reference mask's ǧ runs over sequences of length one, so each softmax is 1 and it reduces exactly
   to u = t_g + Out(V t_g), v = ǧ + Out(V ǧ); that reduced form is built (the code's query and key
   weights never receive a gradient). s = Linear([u; v]); global set [s + t_g, t_g, ǧ]; local set
-  Linear(T). Padding tokens are masked out of the focus projection (the code pools over CLIP's 77
-  positions, padding included; our towers pad to the batch's longest text, so masking is what keeps
-  a text's features independent of its batch).
+  Linear(T). Which positions T holds [text_tokens]: `all` is the code's, every position of the CLIP
+  text tower's fixed context (77 for ViT-H/14), padding after the end token included, unmasked in the
+  focus projection; `valid` (the default) keeps only the text's own tokens, start to end, and is the
+  only choice for encoders that pad to the batch's longest text (LSTM, BiGRU, MiniLM), where pooling the
+  padding would make a text's features depend on its batch.
 - Multi-grained focus projection (MG-FP) [focus_channels = P = 4]: W = softmax over tokens of
   W_b tanh(W_a S) (bias-free, D -> D/2 -> P), output W S: P focus channels per set, so 2P tokens per
   branch (global then local). Visual and textual branches have their own weights; within a branch the
@@ -45,14 +49,18 @@ The code's bugs (notes 2.11), each decided here:
    [revision_split=per_token]; `code` reproduces the code's reshape of the 2P x 2D gates to 4P x D,
    whose first 2P rows are gamma and last 2P rows beta (so gamma_k is the (k mod 2)-th half of H's
    token floor(k/2) of the first P tokens, beta likewise from the last P).
-3. The first patch token (top-left) stands where the code probably meant the fused CLS token. No
-   tower here has a CLS token inside the fused map, so the intended global readout of X̃' is its mean
-   over positions [fused_global=mean]; `first_token` is the code's behaviour.
+3. The first patch token (top-left) stands where the code probably meant the fused CLS token (CLS is
+   dropped before the cross-attention, in the code as here). So the default readout of X̃' is its mean
+   over positions [fused_global=mean], which also runs on towers without an output projection (CNNs);
+   `first_token` is the code's behaviour and needs a CLIP tower (a ViT's `proj`, or a ModifiedResNet's
+   attention-pool value and output maps, the same map its pooled feature ends with): on any other tower
+   it is refused rather than replaced by a new Linear, which would be a different readout under the
+   code's name.
 Unlike the code, masks are pixel-aligned with their photos here (the same resize and crop; the code
 crops them independently, notes 2.11-5).
 
-Cost: the text tower runs twice per query (its pooled feature and its tokens: the text-encoder
-interface has no call returning both), about twice TIRG's step time with the LSTM.
+Cost: the text tower runs once per query where the encoder gives its pooled feature and its tokens from
+one pass (`pooled_and_tokens`: LSTM, CLIP), twice otherwise (BiGRU, MiniLM).
 
 [masks] chooses the mask source: saliency (offline default), oracle (the synthetic garments' ground
 truth), clipseg (masks built beforehand with `cirlab data masks --source clipseg`), or none: the
@@ -80,12 +88,24 @@ from cirlab.models.registration import register_model
 
 REVISION_SPLITS: tuple[str, ...] = ("per_token", "code")
 FUSED_GLOBALS: tuple[str, ...] = ("mean", "first_token")
+TEXT_TOKENS: tuple[str, ...] = ("valid", "all")
 _GROUP_NORM_GROUPS = 16  # the code's GroupNorm(16, C); fewer where C is not a multiple of 16
 
 
 @dataclass
 class OffsetOptions:
-    """`model.options` of OFFSET (see the module docstring for what each one chooses)."""
+    """`model.options` of OFFSET (see the module docstring for what each one chooses).
+
+    Three options choose between the public code's behaviour and another reading of the method (the paper's
+    text was not available to check; its figure is named where it speaks):
+    - revision_split: `code`, the code's reshape | `per_token` (default), the split the figure draws;
+    - fused_global: `first_token`, the code's X̃'_0 @ CLIP's visual.proj (CLIP image towers only) | `mean`
+      (default, any tower), a Linear of the fused map's mean, for the fused CLS the code probably meant;
+    - text_tokens: `all`, the code's every position of the CLIP text context, padding included (CLIP text
+      towers only) | `valid` (default, any encoder), the text's own tokens from start to end.
+    The defaults run on any towers (the garments recipes use them); a recipe reproducing the code on CLIP
+    names the code's values.
+    """
 
     masks: str = "saliency"
     focus_channels: int = 4          # P
@@ -93,6 +113,7 @@ class OffsetOptions:
     revision: bool = True
     revision_split: str = "per_token"
     fused_global: str = "mean"
+    text_tokens: str = "valid"
     kappa: float = 0.5
     tau: float = 0.1
     logit_scale: float = 10.0
@@ -100,7 +121,8 @@ class OffsetOptions:
     @classmethod
     def from_dict(cls, options: dict) -> OffsetOptions:
         parsed = parse_options(cls, options, "OFFSET", {"masks": MASK_SOURCES, "revision_split": REVISION_SPLITS,
-                                                        "fused_global": FUSED_GLOBALS})
+                                                        "fused_global": FUSED_GLOBALS,
+                                                        "text_tokens": TEXT_TOKENS})
         if parsed.focus_channels < 1 or parsed.tau <= 0:
             raise ValueError(f"OFFSET needs focus_channels >= 1 and tau > 0, got {parsed.focus_channels} "
                              f"and {parsed.tau}")
@@ -162,19 +184,34 @@ class FocusProjection(nn.Module):
 
 
 class VisualFocusMapping(nn.Module):
-    def __init__(self, channels: int, dim: int, focus_channels: int, heads: int, fused_global: str) -> None:
+    """VFM. `tower_projection` (C -> D), when given, is the image tower's own output projection, through which
+    the fused map's first token is read out (the code's); without it the readout is a Linear of the mean."""
+
+    def __init__(self, channels: int, dim: int, focus_channels: int, heads: int,
+                 tower_projection: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__()
         self.attention = MapCrossAttention(channels, heads)
-        self.fused_global = fused_global
-        self.global_projection = nn.Linear(channels, dim)
+        # A plain attribute, not a submodule: the tower's parameters stay registered once, under the tower.
+        self.tower_projection = tower_projection
+        if tower_projection is None:
+            self.global_projection = nn.Linear(channels, dim)
         self.local_projection = nn.Linear(channels, dim)
         self.focus = FocusProjection(dim, focus_channels)
+
+    def readout(self, fused: Tensor) -> Tensor:
+        """B x D global readout of the fused tokens X̃' (B x N x C)."""
+        if self.tower_projection is None:
+            return self.global_projection(fused.mean(dim=1))
+        return self.tower_projection(fused[:, 0])
+
+    def global_set(self, fused: Tensor, photo_global: Tensor, mask_global: Tensor) -> Tensor:
+        """[readout(X̃') + g, g, ǧ], B x 3 x D."""
+        return torch.stack([self.readout(fused) + photo_global, photo_global, mask_global], dim=1)
 
     def forward(self, photo_tokens: Tensor, mask_tokens: Tensor, photo_global: Tensor, mask_global: Tensor) -> Tensor:
         """The 2P focus tokens (B x 2P x D): P of the global set, then P of the local set."""
         fused = self.attention(photo_tokens, mask_tokens)
-        summary = fused.mean(dim=1) if self.fused_global == "mean" else fused[:, 0]
-        global_set = torch.stack([self.global_projection(summary) + photo_global, photo_global, mask_global], dim=1)
+        global_set = self.global_set(fused, photo_global, mask_global)
         return torch.cat([self.focus(global_set), self.focus(self.local_projection(fused))], dim=1)
 
 
@@ -187,8 +224,9 @@ class TextualFocusMapping(nn.Module):
         self.local_projection = nn.Linear(token_dim, dim)
         self.focus = FocusProjection(dim, focus_channels)
 
-    def forward(self, text_global: Tensor, tokens: Tensor, token_mask: Tensor, mask_global: Tensor) -> Tensor:
-        """The text's 2P focus tokens (B x 2P x D), mixed with the reference mask's global feature."""
+    def forward(self, text_global: Tensor, tokens: Tensor, token_mask: Tensor | None, mask_global: Tensor) -> Tensor:
+        """The text's 2P focus tokens (B x 2P x D), mixed with the reference mask's global feature; the local set
+        pools the positions `token_mask` marks (None: all of them)."""
         text = text_global + self.text_out(self.text_value(text_global))
         mask = mask_global + self.mask_out(self.mask_value(mask_global))
         mixed = self.mix(torch.cat([text, mask], dim=-1))
@@ -218,6 +256,19 @@ class FocusRevision(nn.Module):
         return gamma * visual + beta * textual
 
 
+def image_tower_projection(backbone: nn.Module, embed_dim: int) -> Callable[[Tensor], Tensor]:
+    """The image tower's own token projection (C -> embed_dim), which fused_global=first_token reads through."""
+    project = getattr(backbone, "project_tokens", None)
+    if project is None:
+        raise ValueError("OFFSET fused_global=first_token reads the fused first token through the image tower's own "
+                         "output projection, which only CLIP towers have (model.image_backbone=clip:NAME); this "
+                         "backbone has none: use fused_global=mean")
+    if backbone.embed_dim != embed_dim:
+        raise ValueError(f"OFFSET fused_global=first_token: the image tower projects to {backbone.embed_dim}, not "
+                         f"model.embed_dim={embed_dim} (use model.pooling=tower and its embed_dim)")
+    return project
+
+
 def focus_regularisation(queries: Tensor, targets: Tensor, focus_codes: Tensor, tau: float) -> Tensor:
     """(1/B) sum_i KL(p_i || q_i), p_i = softmax_j(<z_i, z_j> / tau) over the targets' focus codes z (B x F),
     q_i = softmax_j(<q_i, t_j> / tau) over unit queries and targets (B x D)."""
@@ -237,9 +288,14 @@ class OFFSET(CIRModel):
         self.options = options
         self.embed_dim = embed_dim
         self.mask_source = create_mask_source(options.masks)
+        if options.text_tokens == "all" and getattr(text_encoder, "context_length", None) is None:
+            raise ValueError(f"OFFSET text_tokens=all pools every position of a fixed text context (a CLIP text "
+                             f"tower's); {type(text_encoder).__name__} pads to the batch's longest text, so its "
+                             "features would depend on the batch: use text_tokens=valid")
         points = options.focus_channels
-        self.visual = VisualFocusMapping(image_encoder.backbone.out_channels, embed_dim, points, options.heads,
-                                         options.fused_global)
+        backbone = image_encoder.backbone
+        projection = image_tower_projection(backbone, embed_dim) if options.fused_global == "first_token" else None
+        self.visual = VisualFocusMapping(backbone.out_channels, embed_dim, points, options.heads, projection)
         self.textual = TextualFocusMapping(text_encoder.token_dim, embed_dim, points)
         self.revision = FocusRevision(embed_dim, options.revision_split) if options.revision else None
         self.logit_scale = nn.Parameter(torch.tensor(float(options.logit_scale)))
@@ -270,10 +326,15 @@ class OFFSET(CIRModel):
         visual = self.visual(self._tokens(photo_map), self._tokens(mask_map), photo_global, mask_global)
         return visual, mask_global
 
+    def _textual(self, texts: list[str], mask_global: Tensor) -> Tensor:
+        """TFM tokens (B x 2P x D) of the texts, with the reference masks' global features (B x D)."""
+        sentence, tokens, token_mask = self.text_encoder.pooled_and_tokens(texts)
+        pooled_positions = token_mask if self.options.text_tokens == "valid" else None  # None: all, as the code
+        return self.textual(sentence, tokens, pooled_positions, mask_global)
+
     def encode_queries(self, images: Tensor | MaskedBatch, texts: list[str]) -> Tensor:
         visual, mask_global = self._visual(images)
-        sentence, tokens, token_mask = self.text_encoder.pooled_and_tokens(texts)
-        textual = self.textual(sentence, tokens, token_mask, mask_global)
+        textual = self._textual(texts, mask_global)
         composed = visual + textual if self.revision is None else self.revision(visual, textual)
         return composed.mean(dim=1)
 
