@@ -1,8 +1,11 @@
+from collections import Counter
+
 import numpy as np
 import pytest
 from fixtures.materialise import materialise
 from PIL import Image
 
+from cirlab.data.benchmarks import training_split
 from cirlab.data.errors import DataFormatError
 from cirlab.data.evalsets import recall_at_k
 from cirlab.data.mitstates import TEST_NOUNS, check_mitstates, load_mitstates
@@ -45,7 +48,50 @@ def test_train_triplets_pair_two_different_adjectives(root):
         assert {first.text, second.text} == {"new", "old"}
         for triplet in (first, second):
             assert triplet.target.startswith(f"{triplet.text} car/")
-    assert load_mitstates(root, seed=5)[0] == train
+    again = load_mitstates(root, seed=5)[0]
+    assert (again.triplets, again.image_paths) == (train.triplets, train.image_paths)
+
+
+@pytest.fixture
+def cars(root):
+    """Train noun "car" with three adjectives: new (N1, N2), old (O1), rusty (R1)."""
+    (root / "images" / "rusty car").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "images" / "rusty car" / "r1.jpg")
+    return training_split(load_mitstates(root, seed=5)[0])
+
+
+N1, N2, O1, R1 = "new car/n1.jpg", "new car/n2.jpg", "old car/o1.jpg", "rusty car/r1.jpg"
+
+
+def test_two_adjacent_slots_per_train_image(cars):
+    references = [cars.redraw.image_ids[q.reference] for q in cars.queries]
+    assert references == [N1, N1, N2, N2, O1, O1, R1, R1]
+    assert cars.text_groups == [list(range(8))]   # a text-then-pair draw is a uniform draw of slots
+
+
+def test_draws_are_fresh_tirg_targets_of_the_noun(cars):
+    rng = np.random.default_rng(2)
+    draws = [cars.draw(0, rng) for _ in range(200)]   # slot of N1
+    targets = Counter(cars.redraw.image_ids[q.target] for q in draws)
+    # TIRG: adjective uniform over the noun's three (its own included), image uniform within it.
+    odds = {N1: 1 / 6, N2: 1 / 6, O1: 1 / 3, R1: 1 / 3}
+    assert set(targets) == set(odds)
+    for target, p in odds.items():
+        assert abs(targets[target] - 200 * p) < 4 * (200 * p * (1 - p)) ** 0.5
+    assert all(cars.redraw.image_ids[q.target].startswith(f"{q.text} car/") for q in draws)
+    resumed = np.random.default_rng(0)
+    resumed.bit_generator.state = np.random.default_rng(2).bit_generator.state
+    assert [cars.draw(0, resumed) for _ in range(200)] == draws
+
+
+def test_a_pair_of_slots_of_one_image_gets_two_adjectives(cars):
+    rng = np.random.default_rng(4)
+    batch = cars.draw_batch([0, 1] * 300, rng)
+    pairs = Counter((first.text, second.text) for first, second in zip(batch[::2], batch[1::2]))
+    # TIRG redraws both until they differ: the six ordered pairs of distinct adjectives, alike.
+    assert set(pairs) == {(a, b) for a in ("new", "old", "rusty") for b in ("new", "old", "rusty") if a != b}
+    assert all(abs(n - 50) < 4 * (300 * 5 / 36) ** 0.5 for n in pairs.values())
+    assert all(cars.redraw.image_ids[q.target].startswith(f"{q.text} car/") for q in batch)
 
 
 def test_check_reports_every_planted_problem(root):

@@ -25,7 +25,7 @@ from cirlab.data.fashion200k import load_fashion200k
 from cirlab.data.fashioniq import CATEGORIES, combine_categories, load_fashioniq
 from cirlab.data.folder import load_folder
 from cirlab.data.mitstates import load_mitstates
-from cirlab.data.records import Query, RetrievalSplit
+from cirlab.data.records import Query, Redraw, RetrievalSplit
 from cirlab.data.shoes import load_shoes
 
 CSS_KS = (1, 5, 10, 50)
@@ -122,13 +122,15 @@ def css_evalset(split: RetrievalSplit, remove_reference: bool, ks: tuple[int, ..
 
 
 def training_split(training: TrainingSet) -> RetrievalSplit:
-    """Triplets over image ids as a split over image indices; each image is its own identity."""
+    """Triplets over image ids as a split over image indices; each image is its own identity. The
+    training set's `draws`, if any, become the split's redraw information over the same indices."""
     ids = list(training.image_paths)
     index = {image: position for position, image in enumerate(ids)}
     queries = [Query(index[t.reference], t.text, index[t.target]) for t in training.triplets]
     if not queries:
         raise ValueError("the benchmark has no training triplets")
-    return RetrievalSplit("train", [training.image_paths[image] for image in ids], np.arange(len(ids)), queries)
+    return RetrievalSplit("train", [training.image_paths[image] for image in ids], np.arange(len(ids)), queries,
+                          redraw=Redraw(training.draws, ids) if training.draws is not None else None)
 
 
 def _merged(sets: list[TrainingSet]) -> TrainingSet:

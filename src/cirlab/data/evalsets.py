@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from cirlab.data.errors import DataFormatError
+from cirlab.data.records import TargetDraws
 
 
 @dataclass(frozen=True)
@@ -35,16 +36,23 @@ class Triplet:
 
 @dataclass
 class TrainingSet:
-    """A benchmark's training triplets and the file of every image they name."""
+    """A benchmark's training triplets and the file of every image they name.
+
+    With `draws` (readers whose reference code samples pairs on the fly), each triplet is one slot of its
+    reference image: its text and target are one seeded draw, and training draws afresh from `draws`.
+    """
 
     triplets: list[Triplet]
     image_paths: dict[str, Path]
+    draws: TargetDraws | None = None
 
     @classmethod
-    def located(cls, triplets: list[Triplet], locate: Callable[[str], Path]) -> TrainingSet:
-        """Triplets whose image files `locate(image_id)` finds."""
+    def located(cls, triplets: list[Triplet], locate: Callable[[str], Path],
+                draws: TargetDraws | None = None) -> TrainingSet:
+        """Triplets (and every image `draws` can name) whose image files `locate(image_id)` finds."""
         named = dict.fromkeys(image for t in triplets for image in (t.reference, t.target))
-        return cls(triplets, {image: locate(image) for image in named})
+        named.update(dict.fromkeys(draws.images() if draws is not None else ()))
+        return cls(triplets, {image: locate(image) for image in named}, draws)
 
 
 @dataclass(frozen=True)

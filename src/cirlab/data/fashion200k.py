@@ -19,20 +19,28 @@ TIRG's rules, reproduced:
   caption (the last source word if none is), and w_t the same the other way round;
 - evaluation: gallery = every test image; the query's own image is removed; a hit is any image whose
   caption equals the target caption; R@1/10/50.
-Training pairs are drawn at random in TIRG; here each modifiable train image yields one triplet
-drawn the same way with a seeded generator. Without test_queries.txt, test queries are every
-modifiable test image x every sibling caption (documented in the protocol).
+- training (TIRG `caption_index_sample_`): every time a modifiable image is sampled, a fresh target:
+  a random parent of its caption, a random child caption of that parent other than its own, a random
+  image with that caption (not uniform over targets: each parent, then each sibling, weighs alike).
+  Here too: the training set has one slot per modifiable train image (TIRG's loader redraws a
+  non-modifiable index until it is modifiable, so every modifiable image is alike), and `draws`
+  (`SiblingDraws`) gives the fresh target each time the slot is sampled. The slot's stored triplet is
+  one such draw from a generator seeded with `seed`: what a validation split carved from it scores.
+Without test_queries.txt, test queries are every modifiable test image x every sibling caption
+(documented in the protocol).
 """
 
 from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cirlab.data.evalsets import EvalQuery, EvalSet, TrainingSet, Triplet, missing_images, raise_first, read_lines
+from cirlab.data.records import Pick, TargetDraws
 
 SPLITS = ("train", "test")
 QUERIES_FILE = "test_queries.txt"
@@ -139,20 +147,39 @@ class CaptionIndex:
         return list(found)
 
 
-def _train_triplets(images: list[LabelledImage], seed: int) -> list[Triplet]:
-    index, rng = CaptionIndex(images), random.Random(seed)
-    triplets = []
-    for image in images:
-        parents = index.parents_of.get(image.path)
-        if not parents:
-            continue
+class SiblingDraws(TargetDraws):
+    """TIRG's training draw of a modifiable image: parent, sibling caption, image of that caption."""
+
+    def __init__(self, images: list[LabelledImage]) -> None:
+        self.index = CaptionIndex(images)
+        # Modifiable images only; every target is one too (it has the source's parent).
+        self.caption_of = {image.path: image.caption for image in images if image.path in self.index.parents_of}
+        self._texts: dict[str, frozenset[str]] = {}  # per caption: all images of a caption share their parents
+
+    def images(self) -> Iterable[str]:
+        return self.caption_of
+
+    def draw(self, source: str, pick: Pick) -> tuple[str, str]:
+        caption = self.caption_of[source]
         while True:  # as TIRG: a random parent, then a random child other than the own caption
-            caption = rng.choice(index.children[rng.choice(parents)])
-            if caption != image.caption:
+            target_caption = pick(self.index.children[pick(self.index.parents_of[source])])
+            if target_caption != caption:
                 break
-        target = rng.choice(index.images_of[caption])
-        triplets.append(Triplet(image.path, modification_text(image.caption, caption), target))
-    return triplets
+        return modification_text(caption, target_caption), pick(self.index.images_of[target_caption])
+
+    def texts(self, source: str) -> frozenset[str]:
+        caption = self.caption_of[source]
+        if caption not in self._texts:
+            siblings = self.index.siblings(source, caption)
+            self._texts[caption] = frozenset(modification_text(caption, sibling) for sibling in siblings)
+        return self._texts[caption]
+
+
+def _train_triplets(images: list[LabelledImage], draws: SiblingDraws, seed: int) -> list[Triplet]:
+    """One seeded draw per modifiable image, in label-file order."""
+    rng = random.Random(seed)
+    return [Triplet(image.path, *draws.draw(image.path, rng.choice))
+            for image in images if image.path in draws.caption_of]
 
 
 def _query(source: LabelledImage, target_caption: str, index: CaptionIndex) -> EvalQuery:
@@ -190,11 +217,12 @@ def _test_queries(root: Path, images: list[LabelledImage], index: CaptionIndex) 
 def _protocol(queries: str, seed: int) -> dict[str, Any]:
     return {"gallery": "all test images", "reference": "removed (that exact image only)",
             "hit": "retrieved image has the target caption", "queries": queries,
-            "text": "replace {w_s} with {w_t}", "train": f"one TIRG-sampled triplet per modifiable image, seed {seed}"}
+            "text": "replace {w_s} with {w_t}",
+            "train": f"a fresh TIRG draw each time a modifiable image is sampled (stored draw: seed {seed})"}
 
 
 def load_fashion200k(root: Path | str, *, seed: int = 0) -> tuple[TrainingSet, EvalSet]:
-    """Training triplets (seeded TIRG sampling) and the test evaluation set."""
+    """Training slots (a seeded TIRG draw each, and the draws to redraw them) and the test evaluation set."""
     root = Path(root)
     train, train_problems = _read_split(root, "train")
     test, test_problems = _read_split(root, "test")
@@ -204,7 +232,8 @@ def load_fashion200k(root: Path | str, *, seed: int = 0) -> tuple[TrainingSet, E
     evalset = EvalSet(benchmark="fashion200k", split="test", gallery=[image.path for image in test],
                       image_paths={image.path: root / image.path for image in test}, queries=queries,
                       protocol=_protocol(origin, seed), ks=KS)
-    return TrainingSet.located(_train_triplets(train, seed), lambda image: root / image), evalset
+    draws = SiblingDraws(train)
+    return TrainingSet.located(_train_triplets(train, draws, seed), lambda image: root / image, draws), evalset
 
 
 def check_fashion200k(root: Path | str) -> list[str]:

@@ -7,8 +7,14 @@ The split is by noun: TIRG's 49 test nouns are test, every other noun is train.
 Evaluation (TIRG `test_retrieval.py`): for every test image and every *other* adjective seen with its
 noun in the test split, one query whose text is that adjective alone; a hit is any image captioned
 "<adjective> <noun>"; gallery = every test image, the query's own image removed; R@1/5/10.
-Training: TIRG draws, per image, two targets whose adjectives differ from each other (either may
-equal the source's own); here each train image yields those two triplets with a seeded generator.
+Training (TIRG `MITStates.__getitem__`): its loader shuffles images; a sampled image gets two fresh
+targets, each a random adjective of its noun (it may be the image's own) and a random image of
+"<adjective> <noun>", both redrawn until their adjectives differ; the two are consecutive in a batch.
+Here: two slots per train image (so a uniform draw of slots is a uniform draw of images), adjacent;
+`draws` (`AdjectiveDraws`) gives each slot a fresh (adjective, target) when sampled, and
+`RetrievalSplit.draw_batch` keeps TIRG's rule for a pair of slots of one image drawn together (the
+pair sampler's): their adjectives differ. The stored triplets are one such pair per image from a
+generator seeded with `seed`: what a validation split carved from them scores.
 An image's id is its path relative to <root>/images, e.g. "ancient castle/img_1.jpg".
 """
 
@@ -16,11 +22,13 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cirlab.data.errors import DataFormatError
 from cirlab.data.evalsets import EvalQuery, EvalSet, TrainingSet, Triplet, raise_first
+from cirlab.data.records import Pick, TargetDraws
 
 TEST_NOUNS = frozenset({
     "armor", "bracelet", "bush", "camera", "candy", "castle", "ceramic", "cheese", "clock", "clothes", "coffee",
@@ -100,16 +108,38 @@ def _queries(images: list[StateImage], index: _Index) -> list[EvalQuery]:
             for image in images for adj in index.adjectives[image.noun] if adj != image.adj]
 
 
-def _train_triplets(images: list[StateImage], index: _Index, seed: int) -> list[Triplet]:
+class AdjectiveDraws(TargetDraws):
+    """TIRG's training draw of one target: a random adjective of the image's noun, a random image of it."""
+
+    def __init__(self, images: list[StateImage], index: _Index) -> None:
+        self.index = index
+        self.noun_of = {image.image: image.noun for image in images}
+
+    def images(self) -> Iterable[str]:
+        return self.noun_of
+
+    def draw(self, source: str, pick: Pick) -> tuple[str, str]:
+        noun = self.noun_of[source]
+        adj = pick(self.index.adjectives[noun])
+        return adj, self.target(adj, noun, pick)
+
+    def target(self, adj: str, noun: str, pick: Pick) -> str:
+        return pick(self.index.images_of[f"{adj} {noun}"])
+
+    def texts(self, source: str) -> frozenset[str]:
+        return frozenset(self.index.adjectives[self.noun_of[source]])
+
+
+def _train_triplets(images: list[StateImage], draws: AdjectiveDraws, seed: int) -> list[Triplet]:
+    """Per image, TIRG's pair drawn with a seeded generator: two adjectives, redrawn until they differ."""
     rng = random.Random(seed)
     triplets = []
     for image in images:
-        adjectives = index.adjectives[image.noun]
+        adjectives = draws.index.adjectives[image.noun]
         first, second = rng.choice(adjectives), rng.choice(adjectives)
         while first == second:
             first, second = rng.choice(adjectives), rng.choice(adjectives)
-        for adj in (first, second):
-            triplets.append(Triplet(image.image, adj, rng.choice(index.images_of[f"{adj} {image.noun}"])))
+        triplets += [Triplet(image.image, adj, draws.target(adj, image.noun, rng.choice)) for adj in (first, second)]
     return triplets
 
 
@@ -123,16 +153,19 @@ def _split(root: Path, split: str) -> tuple[list[StateImage], _Index]:
 
 
 def load_mitstates(root: Path | str, *, seed: int = 0) -> tuple[TrainingSet, EvalSet]:
-    """Training triplets (two seeded TIRG draws per train image) and the test evaluation set."""
+    """Training slots (two per train image: a seeded TIRG pair, and the draws to redraw them) and the
+    test evaluation set."""
     root = Path(root)
     train, train_index = _split(root, "train")
     test, test_index = _split(root, "test")
     evalset = EvalSet(benchmark="mitstates", split="test", gallery=[image.image for image in test],
                       image_paths={image.image: root / "images" / image.image for image in test},
                       queries=_queries(test, test_index),
-                      protocol={**PROTOCOL, "train": f"two TIRG-sampled triplets per train image, seed {seed}"},
+                      protocol={**PROTOCOL, "train": "two fresh TIRG draws (different adjectives) each time a train "
+                                                     f"image is sampled (stored pair: seed {seed})"},
                       ks=KS)
-    training = TrainingSet.located(_train_triplets(train, train_index, seed), lambda image: root / "images" / image)
+    draws = AdjectiveDraws(train, train_index)
+    training = TrainingSet.located(_train_triplets(train, draws, seed), lambda image: root / "images" / image, draws)
     return training, evalset
 
 
