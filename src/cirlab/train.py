@@ -302,7 +302,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     else:
         if config.model.pooling == "flatten" and not config.model.map_size:
             config.model.map_size = _backbone_map_size(config, pixels)
-        vocab = Vocabulary.build(q.text for q in train_split.queries)
+        vocab = Vocabulary.build(train_split.all_texts())  # redrawn texts (Fashion200k, MIT-States) included
         model = create_model(config.model, vocab)
         # recorded in the checkpoint: a null data.image_size means "the native size", fixed here once
         model.image_size = as_size(config.data.image_size) or tuple(pixels.pixels.shape[-2:])
@@ -352,7 +352,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     started = time.perf_counter()
     for step in bar:
         _set_learning_rate(optimizer, config, step)
-        batch = [train_part.queries[i] for i in ctx.shard(sampler.next_batch())]
+        # The whole global batch is drawn before sharding, so every rank consumes the sampler's RNG alike.
+        batch = ctx.shard(train_part.draw_batch(sampler.next_batch(), sampler.rng))
         references = images.batch([q.reference for q in batch], device)
         targets = images.batch([q.target for q in batch], device)
         texts = [q.text for q in batch]
