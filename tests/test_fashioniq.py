@@ -1,13 +1,23 @@
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from fixtures.materialise import materialise
 
+from cirlab.config import ConfigError, load_config
+from cirlab.data.benchmarks import load_benchmark
 from cirlab.data.errors import DataFormatError
 from cirlab.data.evalsets import average_variant_scores, recall_at_k
-from cirlab.data.fashioniq import check_fashioniq, combine_categories, join_captions, load_fashioniq
+from cirlab.data.fashioniq import (
+    check_fashioniq,
+    clip4cir_training_texts,
+    combine_categories,
+    join_captions,
+    load_fashioniq,
+)
+from cirlab.data.records import carve_validation
 
 # Rows: the 3 val triplets (V1->V2, V3->V4, V5->V2); columns: V1..V6.
 SCORES = np.array([
@@ -139,3 +149,32 @@ def test_malformed_json_names_the_file(root):
     path.write_text("[\"V1\",")
     with pytest.raises(DataFormatError, match="split.dress.val.json: not valid JSON"):
         load_fashioniq(root, "dress")
+
+
+def test_clip4cir_random_caption_order_draws_each_of_four_texts(tmp_path):
+    assert clip4cir_training_texts(["is shorter.", " is red"]) == (
+        "Is shorter and is red", "Is red and is shorter", "Is shorter", "Is red")
+    root = materialise("fashioniq", tmp_path)
+    config = load_config(None, ["data.format=fashioniq", f"data.root={root}", "data.categories=[dress]",
+                                "data.train_captions=clip4cir_random"])
+    split = load_benchmark(config).train
+    assert len(split.queries) == 2  # one slot per triplet, whatever the caption order
+    train_part, val_part = carve_validation(split, 0.5, seed=0)
+    (slot,) = range(len(train_part.queries))
+    rng = np.random.default_rng(0)
+    drawn = Counter(train_part.draw(slot, rng).text for _ in range(400))
+    assert set(drawn) == set(train_part.text_variants[slot]) and min(drawn.values()) > 70  # ~100 each
+    assert val_part.draw(0, rng) == val_part.queries[0]  # validation scores its stored (first) text
+    assert {"Is shorter", "Is red and is shorter", "Has long sleeves"} <= split.all_texts()
+    # evaluation texts keep the protocol's join
+    assert load_benchmark(config).evalsets[0].queries[0].text == \
+        load_benchmark(load_config(None, ["data.format=fashioniq", f"data.root={root}",
+                                          "data.categories=[dress]"])).evalsets[0].queries[0].text
+
+
+def test_train_captions_is_refused_outside_fashioniq(tiny_css):
+    config = load_config(None, [f"data.root={tiny_css}", "data.train_captions=clip4cir_random"])
+    with pytest.raises(ConfigError, match="data.train_captions=clip4cir_random is for FashionIQ"):
+        load_benchmark(config)
+    with pytest.raises(ValueError, match="unknown train_captions 'shuffle'"):
+        load_fashioniq(tiny_css, "dress", train_captions="shuffle")

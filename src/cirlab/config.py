@@ -31,6 +31,9 @@ class DataConfig:
     image_size: int | None = None
     # FashionIQ: the categories trained on together and evaluated one by one (null = all three).
     categories: list[str] | None = None
+    # FashionIQ training texts: "join" (protocol.caption_join's) or "clip4cir_random" (CLIP4Cir: each step one of
+    # "C1 and c2", "C2 and c1", "C1", "C2" at random).
+    train_captions: str = "join"
     # Folder format (`root` = the image folder): JSONL files of {reference, text, target}, relative to root.
     train_file: str | None = None
     eval_file: str | None = None

@@ -129,8 +129,10 @@ def training_split(training: TrainingSet) -> RetrievalSplit:
     queries = [Query(index[t.reference], t.text, index[t.target]) for t in training.triplets]
     if not queries:
         raise ValueError("the benchmark has no training triplets")
+    variants = [t.variants for t in training.triplets] if any(t.variants for t in training.triplets) else None
     return RetrievalSplit("train", [training.image_paths[image] for image in ids], np.arange(len(ids)), queries,
-                          redraw=Redraw(training.draws, ids) if training.draws is not None else None)
+                          redraw=Redraw(training.draws, ids) if training.draws is not None else None,
+                          text_variants=variants)
 
 
 def _merged(sets: list[TrainingSet]) -> TrainingSet:
@@ -159,7 +161,8 @@ def _css(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark:
 
 def _fashioniq(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark:
     categories = config.data.categories or list(CATEGORIES)
-    loaded = [load_fashioniq(root, category, **choices) for category in categories]
+    loaded = [load_fashioniq(root, category, **choices, train_captions=config.data.train_captions)
+              for category in categories]
     return Benchmark(training_split(_merged([training for training, _ in loaded])), [e for _, e in loaded],
                      combine=lambda per_set: combine_categories({name.removeprefix("fashioniq-"): metrics
                                                                  for name, metrics in per_set.items()}))
@@ -197,6 +200,9 @@ def load_benchmark(config: Config) -> Benchmark:
     fmt = config.data.format
     if fmt not in _READERS:
         raise ConfigError(f"unknown data format '{fmt}' (known: {', '.join(_READERS)})")
+    if config.data.train_captions != "join" and fmt != "fashioniq":
+        raise ConfigError(f"data.train_captions={config.data.train_captions} is for FashionIQ's two captions, "
+                          f"not {fmt}")
     root = Path(config.data.root)
     if not root.exists():
         raise FileNotFoundError(f"data.root {root} does not exist")

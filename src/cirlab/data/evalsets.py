@@ -27,11 +27,13 @@ from cirlab.data.records import TargetDraws
 
 @dataclass(frozen=True)
 class Triplet:
-    """A training example: reference image id, modification text, target image id."""
+    """A training example: reference image id, modification text, target image id. With `variants`, every
+    training draw takes one of those texts at random (CLIP4Cir's caption orders); `text` is the first."""
 
     reference: str
     text: str
     target: str
+    variants: tuple[str, ...] = ()
 
 
 @dataclass

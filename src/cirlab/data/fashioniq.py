@@ -13,8 +13,9 @@ Protocol choices, each a keyword argument:
 - caption_join: how the two captions become the text (see `join_captions`); "cmap" makes two queries
   per triplet (one per caption order) and "symmetric" one query with two text variants whose score
   matrices are averaged (`EvalSet.texts`, `average_variant_scores`).
-Training triplets use the same join (both orders for "cmap" and "symmetric"); CLIP4Cir's random
-choice among caption orders at training time is a sampler's job, not the reader's.
+Training triplets use the same join (both orders for "cmap" and "symmetric"), or with
+train_captions="clip4cir_random" CLIP4Cir's training texts: at every draw, one of "C1 and c2", "C2 and c1",
+"C1" and "C2" at random (`clip4cir_training_texts`; the draw is the training loop's, from its RNG).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from cirlab.data.evalsets import EvalQuery, EvalSet, TrainingSet, Triplet, raise
 CATEGORIES = ("dress", "shirt", "toptee")
 SPLITS = ("train", "val", "test")
 CAPTION_JOINS = ("clip4cir", "starter_kit", "offset", "cmap", "symmetric")
+TRAIN_CAPTIONS = ("join", "clip4cir_random")
 GALLERIES = ("split", "queries")
 REFERENCE_RULES = ("kept", "removed")
 IMAGE_EXTENSIONS = (".jpg", ".png")
@@ -83,6 +85,14 @@ def join_captions(captions: Sequence[str], strategy: str = "clip4cir",
         a, b = first.strip(_CLIP4CIR_STRIP), second.strip(_CLIP4CIR_STRIP)
         return f"{a} and {b}", f"{b} and {a}"
     raise ValueError(f"unknown caption join {strategy!r} (known: {', '.join(CAPTION_JOINS)})")
+
+
+def clip4cir_training_texts(captions: Sequence[str]) -> tuple[str, ...]:
+    """CLIP4Cir's four training texts of one triplet, of which each step takes one uniformly: both joined
+    orders and each caption alone, stripped of ".?, " and capitalised as its validation join."""
+    first, second = (caption.strip(_CLIP4CIR_STRIP) for caption in captions)
+    return (f"{first.capitalize()} and {second}", f"{second.capitalize()} and {first}",
+            first.capitalize(), second.capitalize())
 
 
 def _captions_file(root: Path, category: str, split: str) -> Path:
@@ -137,12 +147,16 @@ def _texts(entry: dict, caption_join: str, corrections: Mapping[str, str] | None
 
 
 def _training_set(root: Path, category: str, caption_join: str, corrections: Mapping[str, str] | None,
-                  extension: str) -> TrainingSet:
+                  extension: str, train_captions: str) -> TrainingSet:
     path = _captions_file(root, category, "train")
     entries, problems = _read_entries(path, with_target=True)
     raise_first(problems, "check_fashioniq")
-    triplets = [Triplet(e["candidate"], text, e["target"]) for e in entries
-                for text in _texts(e, caption_join, corrections)]
+    if train_captions == "clip4cir_random":
+        triplets = [Triplet(e["candidate"], texts[0], e["target"], texts)
+                    for e in entries for texts in [clip4cir_training_texts(e["captions"])]]
+    else:
+        triplets = [Triplet(e["candidate"], text, e["target"]) for e in entries
+                    for text in _texts(e, caption_join, corrections)]
     return TrainingSet.located(triplets, lambda image: root / "images" / f"{image}{extension}")
 
 
@@ -195,16 +209,19 @@ def _protocol(gallery: str, reference: str, caption_join: str, corrections: Path
 
 def load_fashioniq(root: Path | str, category: str, split: str = "val", *, gallery: str = "split",
                    reference: str = "kept", caption_join: str = "clip4cir", image_ext: str = "auto",
-                   corrections: Path | None = None) -> tuple[TrainingSet, EvalSet]:
+                   corrections: Path | None = None, train_captions: str = "join") -> tuple[TrainingSet, EvalSet]:
     """Training triplets of `category` (from cap.<category>.train.json, which must exist) and its
     evaluation set for `split` ("val" or "test").
+
+    `train_captions`: "join" (the training texts use `caption_join`) or "clip4cir_random" (see the module doc).
 
     `corrections`: a JSON word -> word mapping applied by the "offset" join (DQU-CIR's
     correction_dict_<category>.json); ignored by the other joins."""
     root = Path(root)
     for name, value, known in (("category", category, CATEGORIES), ("split", split, SPLITS[1:]),
                                ("gallery", gallery, GALLERIES), ("reference", reference, REFERENCE_RULES),
-                               ("caption_join", caption_join, CAPTION_JOINS)):
+                               ("caption_join", caption_join, CAPTION_JOINS),
+                               ("train_captions", train_captions, TRAIN_CAPTIONS)):
         if value not in known:
             raise ValueError(f"unknown {name} {value!r} (known: {', '.join(known)})")
     table = read_json(corrections) if corrections is not None and caption_join == "offset" else None
@@ -222,7 +239,7 @@ def load_fashioniq(root: Path | str, category: str, split: str = "val", *, galle
         image_paths={image: root / "images" / f"{image}{extension}" for image in sorted(image_ids)},
         queries=_queries(entries, caption_join, reference, table),
         protocol=_protocol(gallery, reference, caption_join, corrections, extension), ks=KS)
-    return _training_set(root, category, caption_join, table, extension), evalset
+    return _training_set(root, category, caption_join, table, extension, train_captions), evalset
 
 
 def combine_categories(per_category: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

@@ -92,6 +92,8 @@ class RetrievalSplit:
     # another render of image i (CSS 2D-to-3D). None: every image is in the gallery.
     gallery_size: int | None = None
     redraw: Redraw | None = None
+    # Per query, the texts a training draw picks from uniformly (CLIP4Cir's random caption order); None: fixed.
+    text_variants: list[tuple[str, ...]] | None = None
     # Queries grouped by identical text, in first-seen order: TIRG's sampler draws a text, then a pair.
     # A redraw split's stored texts are one draw among many, so it has one group: a uniform draw of slots.
     text_groups: list[list[int]] = field(init=False)
@@ -109,10 +111,14 @@ class RetrievalSplit:
 
     def draw(self, query_index: int, rng: np.random.Generator) -> Query:
         """The query to train on for slot `query_index`: a fresh draw from `rng` for its reference image
-        with redraw information, else the stored query (and `rng` is not touched)."""
-        if self.redraw is None:
-            return self.queries[query_index]
-        return self.redraw.query(self.queries[query_index].reference, rng)
+        with redraw information, the stored query with one of its text variants drawn from `rng`, else the
+        stored query (and `rng` is not touched)."""
+        if self.redraw is not None:
+            return self.redraw.query(self.queries[query_index].reference, rng)
+        query = self.queries[query_index]
+        if self.text_variants is not None and self.text_variants[query_index]:
+            return Query(query.reference, uniform_pick(rng)(self.text_variants[query_index]), query.target)
+        return query
 
     def draw_batch(self, query_indices: Sequence[int], rng: np.random.Generator) -> list[Query]:
         """`draw` for each index in order; positions 2j and 2j + 1 with the same reference image are a
@@ -131,6 +137,8 @@ class RetrievalSplit:
     def all_texts(self) -> set[str]:
         """Every text a training step can show (for the vocabulary): the stored ones and every redrawable one."""
         texts = {query.text for query in self.queries}
+        for variants in self.text_variants or []:
+            texts.update(variants)
         if self.redraw is not None:
             for reference in self.queries_by_source:
                 texts |= self.redraw.draws.texts(self.redraw.image_ids[reference])
@@ -139,8 +147,9 @@ class RetrievalSplit:
     def subset(self, name: str, query_indices: list[int], *, redraw: bool = True) -> RetrievalSplit:
         """The same images with only the given queries (a validation split shares the gallery);
         `redraw=False` keeps the stored queries only (a validation split scores fixed queries)."""
+        variants = [self.text_variants[i] for i in query_indices] if redraw and self.text_variants else None
         return RetrievalSplit(name, self.image_paths, self.labels, [self.queries[i] for i in query_indices],
-                              self.gallery_size, self.redraw if redraw else None)
+                              self.gallery_size, self.redraw if redraw else None, variants)
 
 
 def carve_validation(split: RetrievalSplit, fraction: float, seed: int) -> tuple[RetrievalSplit, RetrievalSplit]:
