@@ -49,7 +49,8 @@ def saved(tmp_path_factory) -> dict[str, tuple[open_clip.CLIP, str]]:
 
 def _tiny_combiner(*settings: str, backbone: str = "clip:cirlab-tiny-vit"):
     config = load_config(None, ["model.name=combiner", f"model.image_backbone={backbone}", "model.pooling=tower",
-                                "model.text_encoder=clip:cirlab-tiny-vit", "model.embed_dim=32", *settings])
+                                "model.text_encoder=clip:cirlab-tiny-vit", "model.embed_dim=32",
+                                "model.image_weights=random", *settings])
     torch.manual_seed(0)
     return config, create_model(config.model, Vocabulary.build(TEXTS))
 
@@ -217,6 +218,10 @@ def test_bad_names_and_weights_are_named(saved, tmp_path):
     save_file({"logit_scale": torch.ones(())}, tmp_path / "no_towers.safetensors")
     with pytest.raises(ValueError, match="holds no text tower"):
         create_text_encoder("clip:cirlab-tiny-vit", None, 32, weights=str(tmp_path / "no_towers.safetensors"))
+    with pytest.raises(ValueError, match="no CLIP weights ship offline.*open_clip:<tag> to download, or random"):
+        create_backbone("clip:cirlab-tiny-vit", weights="default")
+    with pytest.raises(ValueError, match="no CLIP weights ship offline"):
+        create_text_encoder("clip:cirlab-tiny-vit", None, 32, weights="default")
     with pytest.raises(ValueError, match="open_clip has no weights 'nope' for ViT-B-32 .*openai"):
         create_backbone("clip:ViT-B-32", weights="open_clip:nope")
 

@@ -122,7 +122,6 @@ def test_paper_recipe_loads_a_stand_in_imagenet_file(tmp_path: Path) -> None:
     ("efficientnet_lite0", "default", "bundled EfficientNet-Lite0 ImageNet weights"),
     ("efficientnet_lite0", "random", "random init"),
     ("efficientnet_lite0", "mine.pth", "weights from mine.pth"),
-    ("clip:ViT-B-32", "default", "random init"),
     ("clip:ViT-B-32", "random", "random init"),
     ("clip:ViT-B-32", "open_clip:openai", "CLIP weights open_clip:openai (downloaded by open_clip)"),
     ("clip:RN50-quickgelu", "weights/clip/rn50.safetensors", "CLIP weights from weights/clip/rn50.safetensors"),

@@ -1,7 +1,8 @@
 """CLIP image and text towers from open_clip, named "clip:<open_clip config>" (e.g. "clip:ViT-B-32").
 
 Weights (`model.image_weights`, `model.text_weights`):
-- null or "default": random initialisation (no CLIP weights ship with a package, so that is the offline default);
+- "random" (or null): random initialisation, only when asked for by name; "default" is refused, as no CLIP
+  weights ship with a package;
 - a local file: an open_clip or OpenAI-layout state dict (.safetensors, .bin, .pt, .pth; read without
   unpickling), or a cirlab checkpoint's model.safetensors (its fine-tuned CLIP towers, for CLIP4Cir's second stage);
 - "open_clip:<tag>" (e.g. "open_clip:openai"): downloaded by open_clip, only when asked for by name.
@@ -70,8 +71,11 @@ def clip_model_config(name: str) -> tuple[str, dict[str, Any]]:
 def _resolve_weights(model_name: str, weights: str | None, what: str) -> tuple[Path | None, dict[str, Any]]:
     """The file `weights` names (None: random init) and, for an open_clip tag, its settings (mean, std, ...).
     An "open_clip:<tag>" is downloaded here, and only here."""
-    if weights in (None, "default"):
+    if weights in (None, "random"):
         return None, {}
+    if weights == "default":
+        raise ValueError(f"no CLIP weights ship offline, so {model_name} has no default {what}: give a local file "
+                         f"(model.image_weights / model.text_weights), open_clip:<tag> to download, or random")
     if weights.startswith(HUB_PREFIX):
         open_clip = _open_clip()
         tag = weights[len(HUB_PREFIX):]

@@ -167,8 +167,10 @@ def image_initialisation(backbone: str, weights: str | None) -> str:
 
 
 def _clip_initialisation(weights: str | None) -> str:
-    if _is_random_init(weights) or weights == "default":  # cirlab.encoders.clip: "default" is random init
+    if _is_random_init(weights):
         return "random init"
+    if weights == "default":
+        raise ValueError("no CLIP weights ship offline: a CLIP tower has no default model.image_weights")
     if weights.startswith(HUB_PREFIX):
         return f"CLIP weights {weights} (downloaded by open_clip)"
     return f"CLIP weights from {weights}"
