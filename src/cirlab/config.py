@@ -51,10 +51,9 @@ class ModelConfig:
     embed_dim: int = 512
     image_backbone: str = "resnet18"
     # "random" (or null) = random init, a local file path, or "default" = the backbone's offline default:
-    # efficientnet_lite0's bundled ImageNet weights. No ResNet weights ship offline, so a ResNet refuses
-    # "default" (and so the bare default config) and names the torchvision file to give, e.g.
-    # weights/resnet18-f37072fd.pth. CLIP towers ("clip:ViT-B-32", see cirlab.encoders.clip) read "default"
-    # as random init and also take "open_clip:<tag>" to download.
+    # efficientnet_lite0's bundled ImageNet weights. No ResNet or CLIP weights ship offline, so those refuse
+    # "default" (and so the bare default config) and say what to give, e.g. weights/resnet18-f37072fd.pth.
+    # CLIP towers ("clip:ViT-B-32", see cirlab.encoders.clip) also take "open_clip:<tag>" to download.
     image_weights: str | None = "default"
     # Where the trunk ends; CLIP towers: "embedding" (default, the projected feature) or "tokens".
     backbone_upto: str | None = None
