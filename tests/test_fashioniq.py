@@ -178,3 +178,17 @@ def test_train_captions_is_refused_outside_fashioniq(tiny_css):
         load_benchmark(config)
     with pytest.raises(ValueError, match="unknown train_captions 'shuffle'"):
         load_fashioniq(tiny_css, "dress", train_captions="shuffle")
+
+
+def test_caption_corrections_file_per_category_reaches_the_offset_join(tmp_path):
+    root = materialise("fashioniq", tmp_path)
+    (root / "correction_dict_dress.json").write_text(json.dumps({"yello": "yellow"}))
+    settings = ["data.format=fashioniq", f"data.root={root}", "data.categories=[dress]", "protocol.caption_join=offset"]
+    corrected = load_config(None, [*settings, f"data.caption_corrections={root}/correction_dict_{{category}}.json"])
+    (evalset,) = load_benchmark(corrected).evalsets
+    assert evalset.queries[1].text == "yellow and more flowing and has a longer hem"
+    assert evalset.protocol["corrections"] == f"{root}/correction_dict_dress.json"
+    (plain,) = load_benchmark(load_config(None, settings)).evalsets
+    assert plain.queries[1].text == "yello and more flowing and has a longer hem"
+    with pytest.raises(ConfigError, match="caption_corrections applies to FashionIQ with protocol.caption_join=off"):
+        load_benchmark(load_config(None, [*settings[:3], f"data.caption_corrections={root}/c_{{category}}.json"]))

@@ -34,6 +34,9 @@ class DataConfig:
     # FashionIQ training texts: "join" (protocol.caption_join's) or "clip4cir_random" (CLIP4Cir: each step one of
     # "C1 and c2", "C2 and c1", "C1", "C2" at random).
     train_captions: str = "join"
+    # FashionIQ with protocol.caption_join=offset: DQU-CIR's spelling corrections, one JSON file per category,
+    # "{category}" standing for the category (e.g. data/fashioniq/correction_dict_{category}.json).
+    caption_corrections: str | None = None
     # Folder format (`root` = the image folder): JSONL files of {reference, text, target}, relative to root.
     train_file: str | None = None
     eval_file: str | None = None

@@ -161,7 +161,9 @@ def _css(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark:
 
 def _fashioniq(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark:
     categories = config.data.categories or list(CATEGORIES)
-    loaded = [load_fashioniq(root, category, **choices, train_captions=config.data.train_captions)
+    corrections = config.data.caption_corrections
+    loaded = [load_fashioniq(root, category, **choices, train_captions=config.data.train_captions,
+                             corrections=Path(corrections.format(category=category)) if corrections else None)
               for category in categories]
     return Benchmark(training_split(_merged([training for training, _ in loaded])), [e for _, e in loaded],
                      combine=lambda per_set: combine_categories({name.removeprefix("fashioniq-"): metrics
@@ -203,6 +205,8 @@ def load_benchmark(config: Config) -> Benchmark:
     if config.data.train_captions != "join" and fmt != "fashioniq":
         raise ConfigError(f"data.train_captions={config.data.train_captions} is for FashionIQ's two captions, "
                           f"not {fmt}")
+    if config.data.caption_corrections and (fmt, config.protocol.caption_join) != ("fashioniq", "offset"):
+        raise ConfigError("data.caption_corrections applies to FashionIQ with protocol.caption_join=offset only")
     root = Path(config.data.root)
     if not root.exists():
         raise FileNotFoundError(f"data.root {root} does not exist")
