@@ -1,4 +1,5 @@
-"""The one image pipeline: any decodable photo becomes upright RGB fitted to the model's input size."""
+"""The one image pipeline: any decodable photo becomes upright RGB fitted to the model's input by its
+preprocessing (crop, pad or targetpad, with an optional pre-crop size)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ import pytest
 from PIL import Image
 
 from cirlab.evaluate import result_paths
-from cirlab.images import ImageDecodeError, as_size, decode_image, fit_image, image_tensor, load_image
+from cirlab.images import (
+    ImageDecodeError,
+    Preprocessing,
+    as_size,
+    centre_offsets,
+    decode_image,
+    fit_image,
+    image_tensor,
+    load_image,
+    stored_image,
+)
 
 
 def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
@@ -126,3 +137,93 @@ def test_sizes_are_height_width_and_positive():
                                                 ("run.v2", ("run.v2.json", "run.v2.md")), ("x", ("x.json", "x.md"))])
 def test_eval_out_honours_a_given_suffix(given, written):
     assert result_paths(Path("out") / given) == tuple(Path("out") / name for name in written)
+
+
+RED, GREY, BLUE = (200, 0, 0), (90, 90, 90), (0, 0, 200)
+
+
+def _noise(width: int, height: int, top: int = 256) -> Image.Image:
+    """Random pixels below `top`, so any pure-white column comes from a pad."""
+    return Image.fromarray(np.random.default_rng(width + height).integers(0, top, (height, width, 3), dtype=np.uint8))
+
+
+def _tall_bands() -> Image.Image:
+    """100 wide x 300 tall: red rows 0-59, grey 60-239, blue 240-299."""
+    pixels = np.empty((300, 100, 3), dtype=np.uint8)
+    pixels[:60], pixels[60:240], pixels[240:] = RED, GREY, BLUE
+    return Image.fromarray(pixels)
+
+
+def test_crop_is_the_default_and_keeps_the_centre_rows_of_a_tall_photo():
+    photo = _noise(100, 300)
+    assert Preprocessing().resize_mode == "crop"
+    assert np.array_equal(np.asarray(fit_image(photo, Preprocessing(size=100))), np.asarray(photo)[100:200])
+    assert np.array_equal(np.asarray(fit_image(photo, 64)), np.asarray(fit_image(photo, Preprocessing(size=64))))
+
+
+def test_targetpad_keeps_the_central_rows_of_a_tall_photo_between_black_bars():
+    photo = _noise(100, 300)
+    # ratio 3 >= 1.25: int((300 / 1.25 - 100) / 2) = 70 black columns a side make it 240 x 300; at 240 the scale
+    # is 1 and the centre crop keeps rows 30-269 (where "crop" keeps 100-199), pixel for pixel
+    fitted = np.asarray(fit_image(photo, Preprocessing(size=240, resize_mode="targetpad")))
+    assert fitted.shape == (240, 240, 3)
+    assert np.array_equal(fitted[:, 70:170], np.asarray(photo)[30:270])
+    assert (fitted[:, :70] == 0).all() and (fitted[:, 170:] == 0).all()
+
+
+def test_targetpad_resampled_keeps_the_end_bands_that_crop_cuts_away():
+    fitted = np.asarray(fit_image(_tall_bands(), Preprocessing(size=120, resize_mode="targetpad")))
+    # scale 1/2 of the 240 x 300 padded photo, box rows 30-269: output row r reads source rows 2r+27 to 2r+34
+    # (bicubic reaches 4 source rows), so rows 0-12 see red only and the last 13 blue only
+    assert (fitted[:13, 40:80] == RED).all() and (fitted[-13:, 40:80] == BLUE).all()
+    assert (fitted[13:-13, 40:80] != RED).any(axis=2).all()
+    assert (fitted[:, :30] == 0).all() and (fitted[:, 90:] == 0).all()  # the 70-column bars, halved
+    assert (np.asarray(fit_image(_tall_bands(), 120)) == GREY).all()  # crop: rows 100-199 only, all grey
+
+
+def test_targetpad_leaves_a_photo_below_the_ratio_alone():
+    photo = _noise(100, 124)  # ratio 1.24 < 1.25: no pad, so exactly "crop"
+    assert np.array_equal(np.asarray(fit_image(photo, Preprocessing(size=64, resize_mode="targetpad"))),
+                          np.asarray(fit_image(photo, 64)))
+
+
+def test_pad_adds_pure_white_bars_with_the_odd_column_on_the_right():
+    photo = _noise(101, 300, top=255)
+    fitted = np.asarray(fit_image(photo, Preprocessing(size=300, resize_mode="pad")))
+    white = (fitted == 255).all(axis=(0, 2))
+    assert np.flatnonzero(~white).tolist() == list(range(99, 200))  # 199 columns of pad: 99 left, 100 right
+    assert np.array_equal(fitted[:, 99:200], np.asarray(photo))
+
+
+def test_pad_resampled_blends_only_the_two_columns_at_each_edge():
+    colour = np.array([40, 80, 120])
+    photo = Image.new("RGB", (100, 300), tuple(colour.tolist()))
+    fitted = np.asarray(fit_image(photo, Preprocessing(size=150, resize_mode="pad", interpolation="bilinear")))
+    # the photo fills padded columns 100-199 of 300; at scale 1/2 output column c averages padded columns
+    # 2c-1 .. 2c+2 with weights 1, 3, 3, 1 (Pillow's bilinear), so columns 49, 50, 99, 100 mix bar and photo
+    white = (fitted == 255).all(axis=(0, 2))
+    pure = (fitted == colour).all(axis=2).all(axis=0)
+    assert white.sum() == 98 and np.flatnonzero(~white).tolist() == list(range(49, 101))
+    assert np.flatnonzero(pure).tolist() == list(range(51, 99))
+    for column, bar_share in ((49, 7 / 8), (50, 1 / 8), (99, 1 / 8), (100, 7 / 8)):
+        expected = bar_share * 255 + (1 - bar_share) * colour
+        assert np.abs(fitted[:, column].astype(float) - expected).max() <= 1
+
+
+def test_a_pre_crop_size_fits_first_then_takes_the_centre_window():
+    photo = _noise(200, 256)
+    spec = Preprocessing(size=224, resize_mode="pad", pre_crop_size=256)
+    stored = np.asarray(stored_image(photo, spec))
+    assert stored.shape == (256, 256, 3) and np.array_equal(stored[:, 28:228], np.asarray(photo))
+    assert (stored[:, :28] == 255).all() and (stored[:, 228:] == 255).all()
+    assert np.array_equal(np.asarray(fit_image(photo, spec)), stored[16:240, 16:240])
+    assert centre_offsets((257, 259), (224, 224)) == (16, 18)  # torchvision's CenterCrop rounding, half to even
+
+
+@pytest.mark.parametrize("mode", ["pad", "targetpad"])
+@pytest.mark.parametrize("size", [(1, 100000), (100000, 1), (30, 1)])
+def test_extreme_strips_pad_without_a_huge_canvas(mode, size):
+    fitted = np.asarray(fit_image(Image.new("RGB", size, (12, 34, 56)), Preprocessing(size=64, resize_mode=mode)))
+    assert fitted.shape == (64, 64, 3)
+    fill = 255 if mode == "pad" else 0
+    assert (fitted[0, 0] == fill).all() and (fitted[-1, -1] == fill).all()

@@ -29,6 +29,23 @@ class DataConfig:
     # Side of the square images the model sees: the shorter side is resized to it, then centre-cropped.
     # null keeps the files' own size (CSS: every image is 64 x 64 already).
     image_size: int | None = None
+    # How an image is fitted to image_size (cirlab.images.Preprocessing, recorded in each checkpoint):
+    # "crop" scales it to cover and centre-crops (the default); "pad" pads it to a square first (CMAP);
+    # "targetpad" pads only an image whose long/short side ratio is at least pad_ratio, to that ratio (CLIP4Cir).
+    resize_mode: str = "crop"
+    pad_ratio: float = 1.25
+    # Grey level 0-255 of the pad; null = the mode's reference: 255 (white) for pad, 0 (black) for targetpad.
+    pad_fill: int | None = None
+    # Fit to this side first, then take an image_size window: the centre for evaluation, a random one with
+    # augment=crop_flip (CMAP: 256, then 224). null = fit straight to image_size.
+    pre_crop_size: int | None = None
+    # Resampling of that fit: "bicubic" (CLIP4Cir, open_clip) or "bilinear" (torchvision's Resize default: CMAP).
+    interpolation: str = "bicubic"
+    # Training augmentation, drawn per image every step: "none", "crop_flip" (a random window of the pre-crop
+    # image, mirrored half the time: CMAP) or "resized_crop" (a random window of area fraction in augment_scale,
+    # aspect 3/4-4/3, resized to image_size: OFFSET). Evaluation always sees the deterministic view.
+    augment: str = "none"
+    augment_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     # FashionIQ: the categories trained on together and evaluated one by one (null = all three).
     categories: list[str] | None = None
     # FashionIQ training texts: "join" (protocol.caption_join's) or "clip4cir_random" (CLIP4Cir: each step one of
