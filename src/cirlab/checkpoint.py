@@ -1,11 +1,11 @@
 """Checkpoints: safetensors for tensors, JSON for everything else, never pickle.
 
 A checkpoint folder holds `model.safetensors`, `config.json` (the resolved run config) and
-`vocab.json` and `preprocessing.json` (the input size and steps every image goes through, see
-`cirlab.images`); a resumable one adds `trainer.safetensors` (optimizer buffers, torch RNG state)
-and `trainer.json` (step, optimizer hyper-parameters, sampler RNG state, best score so far).
-A folder is written under a temporary name and renamed into place, so a crash never leaves a
-half-written checkpoint behind.
+`vocab.json` and `preprocessing.json` (the model's `cirlab.images.Preprocessing`: input size, resize mode,
+pre-crop size, training augmentation, and the steps in words); a resumable one adds `trainer.safetensors`
+(optimizer buffers, torch RNG state) and `trainer.json` (step, optimizer hyper-parameters, sampler RNG state,
+best score so far). A folder is written under a temporary name and renamed into place, so a crash never leaves
+a half-written checkpoint behind.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from cirlab.config import Config, load_config
 from cirlab.encoders.text import Vocabulary
-from cirlab.images import PREPROCESSING_STEPS, as_size
+from cirlab.images import Preprocessing, PreprocessingError
 from cirlab.models.base import CIRModel
 from cirlab.models.registry import create_model
 
@@ -93,8 +93,7 @@ def save_checkpoint(folder: Path, model: CIRModel, config: Config, vocab: Vocabu
     save_file(weights, staging / MODEL_FILE)
     _write_json(staging / CONFIG_FILE, config.to_dict())
     _write_json(staging / VOCAB_FILE, vocab.to_list())
-    size = None if model.image_size is None else list(model.image_size)
-    _write_json(staging / PREPROCESSING_FILE, {"size": size, "steps": PREPROCESSING_STEPS})
+    _write_json(staging / PREPROCESSING_FILE, model.preprocessing.to_dict())
     if trainer_tensors is not None:
         save_file(trainer_tensors, staging / TRAINER_TENSORS)
     if trainer_state is not None:
@@ -115,20 +114,23 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: cannot read ({error})") from error
 
 
-def _input_size(folder: Path, config: Config) -> tuple[int, int] | None:
-    """The (height, width) the model was trained at: recorded, or for older checkpoints data.image_size."""
+def _preprocessing(folder: Path, config: Config) -> Preprocessing:
+    """How the model was trained to see images: as recorded (a file with only a size, from before the other
+    settings existed, means "crop"), or for checkpoints older than the file, from data.image_size."""
     if (folder / PREPROCESSING_FILE).is_file():
         recorded = _read_json(folder / PREPROCESSING_FILE)
         try:
-            return as_size(recorded["size"])
-        except (KeyError, TypeError, ValueError, IndexError) as error:
+            return Preprocessing.from_dict(recorded)
+        except (KeyError, TypeError, AttributeError) as error:
             raise CheckpointError(f"{folder / PREPROCESSING_FILE}: no valid 'size' ({error!r})") from None
+        except PreprocessingError as error:
+            raise CheckpointError(f"{folder / PREPROCESSING_FILE}: {error}") from None
     if config.data.image_size is None:
         # written before the native size was recorded: guessing it would feed photos at a wrong size
         raise CheckpointError(
             f"{folder}: trained at the images' native size, which older checkpoints do not record; "
             f"write it as {{\"size\": [HEIGHT, WIDTH]}} to {folder / PREPROCESSING_FILE} (64 x 64 for CSS)")
-    return as_size(config.data.image_size)
+    return Preprocessing(size=config.data.image_size)
 
 
 def load_checkpoint(folder: Path, overrides: list[str] | None = None) -> Checkpoint:
@@ -141,7 +143,7 @@ def load_checkpoint(folder: Path, overrides: list[str] | None = None) -> Checkpo
     vocab = Vocabulary.from_list(_read_json(folder / VOCAB_FILE))
     # The backbone's and word vectors' weights come from the checkpoint itself, never from a path or package.
     model = create_model(dataclasses.replace(config.model, image_weights=None, text_weights=None), vocab)
-    model.image_size = _input_size(folder, config)
+    model.preprocessing = _preprocessing(folder, config)
     try:
         model.load_state_dict(load_file(folder / MODEL_FILE))
     except (RuntimeError, OSError) as error:

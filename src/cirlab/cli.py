@@ -174,7 +174,7 @@ def _write_explanation(model: CIRModel, reference: Image.Image, text: str, targe
     from cirlab.images import fit_image
 
     saliency = explain_pair(model, reference, text, target, method=method, side=side)
-    explained = fit_image(reference if side == "reference" else target, model.image_size)
+    explained = fit_image(reference if side == "reference" else target, model.preprocessing)
     atomic_write_bytes(out, png_bytes(heatmap_overlay(explained, saliency, scale=scale)))
     row, col = divmod(int(saliency.argmax()), saliency.shape[1])
     print(f"wrote {out} ({method} on the {side} image; hottest pixel at row {row}, column {col})")

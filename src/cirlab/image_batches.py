@@ -4,7 +4,9 @@ The layer between the readers (`cirlab.data`, which list image paths) and the en
 (which take these batches); it knows neither.
 
 CSS-size images are tiny, so decoding each once and keeping uint8 tensors beats reading PNGs
-every step. With a frozen backbone, its feature maps are computed once (eval mode, the same
+every step: `PixelImages` keeps the deterministic part of the model's `Preprocessing` (at its pre-crop size)
+and cuts each batch from it, the evaluation view or, given a generator, the training augmentation's random
+windows. With a frozen backbone, its feature maps are computed once (eval mode, the same
 preprocessing as evaluation) and training runs on them, skipping the backbone entirely; a multi-level
 backbone's maps are cached level by level and handed out as `LevelMaps`.
 """
@@ -23,8 +25,19 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from cirlab.config import Config, ConfigError
 from cirlab.devices import to_device
-from cirlab.images import fit_image, load_image, normalise
+from cirlab.images import (
+    Preprocessing,
+    Size,
+    as_preprocessing,
+    centre_offsets,
+    cut_window,
+    draw_window,
+    load_image,
+    normalise,
+    stored_image,
+)
 
 
 @dataclass
@@ -70,16 +83,21 @@ def default_decode_workers() -> int:
 
 
 class PixelImages:
-    """All images of a split decoded into one uint8 tensor; batches come out ImageNet-normalised.
+    """All images of a split decoded once into one uint8 tensor; batches come out ImageNet-normalised.
 
+    `size` is the model's `Preprocessing` (a bare size means "crop" at that size, None the images' own size).
+    `stored` holds the deterministic part of it (N x 3 x H x W at the pre-crop size, else the size), `pixels` the
+    evaluation view (its centre window), `preprocessing` the spec with the size resolved (the native size when
+    it was None), which is what a model trained on these images records.
     Images are decoded by `workers` threads (default: one per core, at most 8), in the paths' order."""
 
-    def __init__(self, paths: Sequence[Path], progress: bool = True, size: int | None = None,
+    def __init__(self, paths: Sequence[Path], progress: bool = True, size: Preprocessing | int | Size | None = None,
                  workers: int | None = None) -> None:
         workers = workers or default_decode_workers()
+        spec = as_preprocessing(size)
 
         def decode(path: Path) -> np.ndarray:
-            return np.asarray(fit_image(load_image(path), size))
+            return np.asarray(stored_image(load_image(path), spec))
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             arrays = list(tqdm(pool.map(decode, paths), total=len(paths), desc="decoding images", unit="img",
@@ -88,14 +106,46 @@ class PixelImages:
         if len(sizes) > 1:
             raise ValueError(f"images of one split must share a size, found {sorted(sizes)}: "
                              "set data.image_size to resize and centre-crop them")
-        self.pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        self.stored = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        self.preprocessing = spec if spec.size is not None else spec.with_size(tuple(self.stored.shape[-2:]))
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        """The evaluation view, N x 3 x H x W uint8: the stored images' centre `size` window (a view, no copy)."""
+        height, width = self.preprocessing.size
+        top, left = centre_offsets(tuple(self.stored.shape[-2:]), (height, width))
+        return self.stored[:, :, top:top + height, left:left + width]
 
     def __len__(self) -> int:
-        return len(self.pixels)
+        return len(self.stored)
 
-    def batch(self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    def batch(self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """The images at `indices`, normalised on `device`. Without a `generator`, or with no augmentation in the
+        spec, the evaluation view; with one, each image's own random window (`draw_window`), drawn in the order of
+        `indices` from that generator alone, so restoring its state repeats the batch exactly."""
+        index = torch.as_tensor(indices)
+        spec = self.preprocessing
+        if generator is None or not spec.is_random:
+            chosen = self.pixels[index]
+        else:
+            stored_size = tuple(self.stored.shape[-2:])
+            chosen = torch.stack([cut_window(self.stored[i], draw_window(spec, stored_size, generator), spec.size,
+                                             spec.interpolation) for i in index.tolist()])
         # uint8 crosses to the device (a quarter of the float bytes, pinned for CUDA), normalised there
-        return normalise(to_device(self.pixels[torch.as_tensor(indices)], torch.device(device)))
+        return normalise(to_device(chosen, torch.device(device)))
+
+
+def refuse_cached_augmentation(config: Config) -> None:
+    """Refuse a run that would train on cached backbone maps (a frozen backbone with train.cache_features) while
+    its data config asks for a random augmentation, which those maps could never show."""
+    augment = Preprocessing.from_config(config.data).augment
+    if augment != "none" and config.model.freeze_backbone and config.train.cache_features:
+        raise ConfigError(
+            f"data.augment={augment} draws new random windows every step, but with model.freeze_backbone and "
+            "train.cache_features the backbone maps are computed once, from the evaluation view, so training "
+            "would never see them: set train.cache_features=false (the frozen backbone then runs on each "
+            "augmented batch) or data.augment=none")
 
 
 class CachedMaps:

@@ -16,13 +16,13 @@ def explain_pair(model: CIRModel, reference: Image.Image, text: str, target: Ima
     """Saliency in [0, 1] at the explained image's size (H x W), in eval mode.
 
     `gradcam` explains the retrieval score itself; `mmgrad` the default text-conditioned scalar.
-    For a model trained on resized, centre-cropped images the map covers that crop (`fit_image`).
+    The map covers the image as the model sees it outside training (`fit_image`: resized, cropped or padded).
     """
     scalar = method_scalar(method)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    reference, target = fit_image(reference, model.image_size), fit_image(target, model.image_size)
+    reference, target = fit_image(reference, model.preprocessing), fit_image(target, model.preprocessing)
     try:
         cam = mmgrad(model, image_tensor(reference)[None].to(device), [text], image_tensor(target)[None].to(device),
                      scalar=scalar, side=side)

@@ -19,6 +19,7 @@ from torch import nn
 
 from cirlab.encoders.image import ImageEncoder
 from cirlab.encoders.text import TextEncoder
+from cirlab.images import Preprocessing, Size
 
 
 class ScaledNormalization(nn.Module):
@@ -38,11 +39,21 @@ class ScaledNormalization(nn.Module):
 class CIRModel(nn.Module, metaclass=ABCMeta):
     """Base class: a query side, a target side and an exact score between them."""
 
-    # The (height, width) every image is scaled and centre-cropped to before it reaches the model
-    # (`cirlab.images.fit_image`): the run's data.image_size, or the training images' native size when
-    # that is null. Set by training and recorded in the checkpoint, so indexing, search, explanations
-    # and the server preprocess any photo exactly as training did. None: images pass as they are.
-    image_size: tuple[int, int] | None = None
+    # How every image reaches the model (`cirlab.images.Preprocessing`: size, crop or pad, pre-crop size, training
+    # augmentation), from the run's data config with a null data.image_size resolved to the training images'
+    # native size. Set by training and recorded in the checkpoint, so evaluation, indexing, search,
+    # explanations and the server preprocess any photo as training's evaluation view did. The default
+    # (no size) lets images pass as they are.
+    preprocessing: Preprocessing = Preprocessing()
+
+    @property
+    def image_size(self) -> Size | None:
+        """The (height, width) the model sees: `preprocessing.size`. Setting it keeps the rest of the spec."""
+        return self.preprocessing.size
+
+    @image_size.setter
+    def image_size(self, size: int | Size | None) -> None:
+        self.preprocessing = self.preprocessing.with_size(size)
 
     def __init__(self, image_encoder: ImageEncoder, text_encoder: TextEncoder) -> None:
         super().__init__()

@@ -282,7 +282,7 @@ def create_app(index_folder: Path, checkpoint_folder: Path, max_upload_bytes: in
                 saliency = explain_pair(engine.model, reference, text, target, method=method, side=side)
             except ValueError as error:  # a model these explanations do not cover (CMAP's multi-level features)
                 raise HTTPException(422, str(error)) from None
-            explained = fit_image(reference if side == "reference" else target, engine.model.image_size)
+            explained = fit_image(reference if side == "reference" else target, engine.model.preprocessing)
             scale = max(1, math.ceil(MIN_OVERLAY_PX / explained.width))
             return png_bytes(heatmap_overlay(explained, saliency, scale=scale))
 
