@@ -179,18 +179,18 @@ def frozen_backbone_key(model: CIRModel) -> str | None:
     return digest.hexdigest()
 
 
-def _evalset_images(model: CIRModel, evalset: EvalSet, paths: list[Path], device: torch.device,
-                    image_size: int | None, progress: bool,
+def _evalset_images(model: CIRModel, evalset: EvalSet, paths: list[Path], device: torch.device, progress: bool,
                     image_cache: dict[str, ImageBatches] | None) -> tuple[PixelImages, ImageBatches]:
-    """The set's decoded pixels, and what the model reads: the pixels, or with an `image_cache` and a frozen
-    backbone its float16 maps, computed once and shared by every model with the same backbone (as training
-    does), which benchmarks that evaluate many runs use."""
+    """The set's pixels decoded as the model's preprocessing says, and what the model reads: the pixels, or with
+    an `image_cache` and a frozen backbone its float16 maps, computed once and shared by every model with the same
+    backbone (as training does), which benchmarks that evaluate many runs use."""
+    spec = model.preprocessing
     if image_cache is None:
-        pixels = PixelImages(paths, progress=progress, size=image_size)
+        pixels = PixelImages(paths, progress=progress, size=spec)
         return pixels, pixels
-    key = f"eval:{evalset.benchmark}:{evalset.split}:{image_size}:{len(paths)}"
+    key = f"eval:{evalset.benchmark}:{evalset.split}:{spec}:{len(paths)}"
     if key not in image_cache:
-        image_cache[key] = PixelImages(paths, progress=progress, size=image_size)
+        image_cache[key] = PixelImages(paths, progress=progress, size=spec)
     pixels = image_cache[key]
     backbone = frozen_backbone_key(model)
     if backbone is None:
@@ -200,13 +200,13 @@ def _evalset_images(model: CIRModel, evalset: EvalSet, paths: list[Path], device
     return pixels, image_cache[f"{key}:maps:{backbone}"]
 
 
-def _scored_chunks(model: CIRModel, evalset: EvalSet, device: torch.device, image_size: int | None,
-                   progress: bool, query_chunk: int, image_cache: dict[str, ImageBatches] | None = None
+def _scored_chunks(model: CIRModel, evalset: EvalSet, device: torch.device, progress: bool, query_chunk: int,
+                   image_cache: dict[str, ImageBatches] | None = None
                    ) -> list[tuple[EvalSet, torch.Tensor]]:
     """The exact scores of `evalset` in query chunks, from its images decoded once, the model in eval mode."""
     ids = list(evalset.image_paths)
     paths = [evalset.image_paths[i] for i in ids]
-    pixels, images = _evalset_images(model, evalset, paths, device, image_size, progress, image_cache)
+    pixels, images = _evalset_images(model, evalset, paths, device, progress, image_cache)
     images = attach_regions(model, images, pixels, paths, progress=progress)  # region models (LBF)
     images = attach_masks(model, images, pixels, paths, device=device, progress=progress)  # mask models (OFFSET)
     column = {image: position for position, image in enumerate(ids)}
@@ -217,13 +217,13 @@ def _scored_chunks(model: CIRModel, evalset: EvalSet, device: torch.device, imag
     return chunks
 
 
-def evaluate_evalset(model: CIRModel, evalset: EvalSet, device: torch.device, image_size: int | None = None,
-                     ks: Sequence[int] | None = None, progress: bool = True, query_chunk: int = 1024,
+def evaluate_evalset(model: CIRModel, evalset: EvalSet, device: torch.device, ks: Sequence[int] | None = None,
+                     progress: bool = True, query_chunk: int = 1024,
                      image_cache: dict[str, ImageBatches] | None = None) -> dict[str, float]:
     """Recall@K of `model` on one evaluation set (plus CIRR's Recall_subset where queries have sets)."""
     with_subsets = all(q.subset is not None for q in evalset.queries)
     totals: dict[str, float] = {}
-    for part, scores in _scored_chunks(model, evalset, device, image_size, progress, query_chunk, image_cache):
+    for part, scores in _scored_chunks(model, evalset, device, progress, query_chunk, image_cache):
         metrics = evalset_recall_at_k(scores, part, ks)
         if with_subsets:
             metrics.update(recall_subset_at_k(scores, part))
@@ -246,7 +246,7 @@ def write_submission(folder: Path, out_dir: Path, overrides: list[str] | None = 
     (evalset,) = load_benchmark(config).evalsets
     device = resolve_device(config.train.device)
     model = checkpoint.model.to(device)
-    chunks = _scored_chunks(model, evalset, device, config.data.image_size, progress, query_chunk=1024)
+    chunks = _scored_chunks(model, evalset, device, progress, query_chunk=1024)
     scores = torch.cat([scores for _, scores in chunks])
     return write_cirr_submissions(scores, evalset, out_dir, name=Path(folder).resolve().parent.name or "cirlab")
 
@@ -257,12 +257,12 @@ def _default_split(overrides: list[str] | None, split: str) -> list[str]:
     return [] if chosen else [f"protocol.split={split}"]
 
 
-def evaluate_benchmark(model: CIRModel, benchmark: Benchmark, device: torch.device, image_size: int | None = None,
-                       ks: Sequence[int] | None = None, progress: bool = True,
+def evaluate_benchmark(model: CIRModel, benchmark: Benchmark, device: torch.device, ks: Sequence[int] | None = None,
+                       progress: bool = True,
                        image_cache: dict[str, ImageBatches] | None = None) -> dict[str, float]:
     """Metrics of every evaluation set; several sets (FashionIQ categories) are reported per set and
     averaged as the benchmark's papers do. `image_cache`: see `_evalset_images`."""
-    per_set = {evalset.benchmark: evaluate_evalset(model, evalset, device, image_size, ks, progress,
+    per_set = {evalset.benchmark: evaluate_evalset(model, evalset, device, ks, progress,
                                                    image_cache=image_cache)
                for evalset in benchmark.evalsets}
     if benchmark.combine is None:
@@ -280,7 +280,7 @@ def evaluate_explanations(model: CIRModel, config: Config, split_name: str, devi
     train_split, test_split = load_splits(config.data)
     split = test_split if split_name == "test" else train_split
     masks = EditMasks(Path(config.data.root) / EDIT_REGIONS_FILE, split_name)
-    images = PixelImages(split.image_paths, progress=progress, size=config.data.image_size)
+    images = PixelImages(split.image_paths, progress=progress, size=model.preprocessing)
     return explanation_quality(model, split.queries, images, masks, device, method=method, count=queries)
 
 
@@ -295,7 +295,7 @@ def evaluate_checkpoint(folder: Path, overrides: list[str] | None = None, progre
     benchmark = load_benchmark(config)
     device = resolve_device(config.train.device)
     model = checkpoint.model.to(device)
-    metrics = evaluate_benchmark(model, benchmark, device, config.data.image_size, config.protocol.ks, progress,
+    metrics = evaluate_benchmark(model, benchmark, device, config.protocol.ks, progress,
                                  image_cache)
     first = benchmark.evalsets[0]
     provenance = describe_start(config)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from cirlab.config import Config, ConfigError
 from cirlab.devices import to_device
 from cirlab.images import (
+    CropWindow,
     Preprocessing,
     Size,
     as_preprocessing,
@@ -124,16 +125,25 @@ class PixelImages:
         """The images at `indices`, normalised on `device`. Without a `generator`, or with no augmentation in the
         spec, the evaluation view; with one, each image's own random window (`draw_window`), drawn in the order of
         `indices` from that generator alone, so restoring its state repeats the batch exactly."""
-        index = torch.as_tensor(indices)
-        spec = self.preprocessing
-        if generator is None or not spec.is_random:
-            chosen = self.pixels[index]
+        if generator is None or not self.preprocessing.is_random:
+            chosen = self.pixels[torch.as_tensor(indices)]
         else:
-            stored_size = tuple(self.stored.shape[-2:])
-            chosen = torch.stack([cut_window(self.stored[i], draw_window(spec, stored_size, generator), spec.size,
-                                             spec.interpolation) for i in index.tolist()])
+            chosen = cut_windows(self.stored, indices, self.draw_windows(indices, generator), self.preprocessing)
         # uint8 crosses to the device (a quarter of the float bytes, pinned for CUDA), normalised there
         return normalise(to_device(chosen, torch.device(device)))
+
+    def draw_windows(self, indices: Sequence[int] | torch.Tensor, generator: torch.Generator) -> list[CropWindow]:
+        """One training window per image at `indices`, drawn in order from `generator` alone (so restoring its
+        state repeats them); images that travel with these (OFFSET's masks) are cut by the same windows."""
+        stored_size = tuple(self.stored.shape[-2:])
+        return [draw_window(self.preprocessing, stored_size, generator) for _ in range(len(torch.as_tensor(indices)))]
+
+
+def cut_windows(stored: torch.Tensor, indices: Sequence[int] | torch.Tensor, windows: Sequence[CropWindow],
+                spec: Preprocessing) -> torch.Tensor:
+    """The uint8 images `stored[indices]` (N x C x H x W), each cut by its window to the spec's size."""
+    return torch.stack([cut_window(stored[i], window, spec.size, spec.interpolation)
+                        for i, window in zip(torch.as_tensor(indices).tolist(), windows, strict=True)])
 
 
 def refuse_cached_augmentation(config: Config) -> None:

@@ -87,13 +87,12 @@ class BenchmarkValidation(Selection):
         split = OWN_VALIDATION_SPLIT[fmt]
         validation_config = dataclasses.replace(config, protocol=dataclasses.replace(config.protocol, split=split))
         self.benchmark: Benchmark = load_benchmark(validation_config)
-        self.image_size = config.data.image_size
         self.image_cache = image_cache  # the validation images are decoded (and mapped) once for the whole run
         super().__init__(train_split, config.train.select_metric or "avg")
         self.split = split
 
     def validate(self, model: CIRModel, images: ImageBatches, device: torch.device) -> dict[str, float]:
-        return evaluate_benchmark(model, self.benchmark, device, self.image_size, progress=False,
+        return evaluate_benchmark(model, self.benchmark, device, progress=False,
                                   image_cache=self.image_cache)
 
     def describe(self) -> str:

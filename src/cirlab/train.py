@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from cirlab.acceleration import autocast_dtype, grad_scaler, prepare_model, to_channels_last
 from cirlab.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
-from cirlab.config import Config
+from cirlab.config import Config, ConfigError
 from cirlab.data.benchmarks import css_renders, load_benchmark
 from cirlab.data.records import Query, RetrievalSplit
 from cirlab.devices import resolve_device
@@ -34,10 +34,10 @@ from cirlab.encoders.regions import REGION_CACHE, attach_regions
 from cirlab.encoders.text import Vocabulary
 from cirlab.explain.supervision import EditMasks, edit_masks, pixel_difference_masks
 from cirlab.explain.training import check_mmgrad_config, mmgrad_attention_loss
-from cirlab.image_batches import CachedMaps, ImageBatches, PixelImages
-from cirlab.images import as_size
+from cirlab.image_batches import CachedMaps, ImageBatches, PixelImages, refuse_cached_augmentation
+from cirlab.images import Preprocessing
 from cirlab.losses import batch_classification_loss, sample_soft_triplets, soft_triplet_loss
-from cirlab.masks.batches import attach_masks
+from cirlab.masks.batches import MaskedImages, attach_masks
 from cirlab.models.base import CIRModel
 from cirlab.models.registry import create_model
 from cirlab.selection import Selection, checkpoint_selection, metric_value
@@ -237,7 +237,7 @@ class MetricsLog:
 def _pixels_key(config: Config) -> str:
     """What decides a split's decoded images: runs that agree on it share them through `image_cache`."""
     data = config.data
-    return f"pixels:{data.format}:{data.root}:{data.image_size}:{css_renders(data)}"
+    return f"pixels:{data.format}:{data.root}:{Preprocessing.from_config(data)}:{css_renders(data)}"
 
 
 def _training_images(config: Config, model: CIRModel, pixels: PixelImages, image_cache: dict[str, ImageBatches],
@@ -255,9 +255,27 @@ def _training_images(config: Config, model: CIRModel, pixels: PixelImages, image
     return image_cache[key]
 
 
-def _rng_tensors(triplet_rng: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+def _augmentation_rng(config: Config, images: ImageBatches, attention: AttentionTerm | None,
+                      rank: int) -> torch.Generator | None:
+    """The generator of the training augmentation's windows (None without one). Each rank augments its own slice
+    of the batch, so each has its own stream. Refuses the images an augmentation cannot follow: region boxes
+    (LBF) and MMGrad's edit masks are computed on the evaluation view."""
+    augment = Preprocessing.from_config(config.data).augment
+    if augment == "none":
+        return None
+    if not isinstance(images, (PixelImages, MaskedImages)) or attention is not None:
+        what = "MMGrad's edit masks" if attention is not None else f"this model's {type(images).__name__}"
+        raise ConfigError(f"data.augment={augment} cannot be used with {what}, which follow the evaluation view "
+                          "of each image: set data.augment=none")
+    return torch.Generator().manual_seed(config.train.seed * 1_000 + 1 + rank)
+
+
+def _rng_tensors(triplet_rng: torch.Generator, device: torch.device,
+                 augment_rng: torch.Generator | None) -> dict[str, torch.Tensor]:
     """Every torch generator the loop draws from, for an exact resume."""
     states = {"rng.triplets": triplet_rng.get_state(), "rng.torch": torch.get_rng_state()}
+    if augment_rng is not None:
+        states["rng.augment"] = augment_rng.get_state()
     if device.type == "cuda":  # dropout draws from the device's own generator
         states["rng.cuda"] = torch.cuda.get_rng_state(device)
     return states
@@ -283,13 +301,15 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     device, progress = ctx.device, progress and ctx.is_main
     torch.manual_seed(config.train.seed)
     learning_rate_factor(config, 0)  # refuses a contradictory schedule before any work
+    refuse_cached_augmentation(config)
     train_split = load_benchmark(config).train
     image_cache = image_cache if image_cache is not None else {}
     selection = checkpoint_selection(config, train_split, image_cache)
     train_part = selection.train_part
     pixels_key = _pixels_key(config)
     if pixels_key not in image_cache:
-        image_cache[pixels_key] = PixelImages(train_split.image_paths, progress=progress, size=config.data.image_size)
+        image_cache[pixels_key] = PixelImages(train_split.image_paths, progress=progress,
+                                              size=Preprocessing.from_config(config.data))
     pixels = image_cache[pixels_key]
 
     if resume:
@@ -305,7 +325,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         vocab = Vocabulary.build(train_split.all_texts())  # redrawn texts (Fashion200k, MIT-States) included
         model = create_model(config.model, vocab)
         # recorded in the checkpoint: a null data.image_size means "the native size", fixed here once
-        model.image_size = as_size(config.data.image_size) or tuple(pixels.pixels.shape[-2:])
+        model.preprocessing = pixels.preprocessing
     model.to(device)
     prepare_model(model, config.train, device)
     attention = _attention_setup(config, ctx, model)  # refuses impossible settings before any caching
@@ -316,6 +336,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                             progress)
     # Mask models (OFFSET) get each image's dominant-portion mask, from the dataset's mask cache.
     images = attach_masks(model, images, pixels, train_split.image_paths, Path(config.data.root), device, progress)
+    augment_rng = _augmentation_rng(config, images, attention, ctx.rank)
 
     amp_dtype = autocast_dtype(config.train, device)
     forward = ctx.wrap(TrainingForward(model, amp_dtype, config.train.channels_last), config.train.sync_batchnorm)
@@ -335,6 +356,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         if device.type == "cuda" and ctx.key("rng.cuda") in checkpoint.trainer_tensors:
             torch.cuda.set_rng_state(checkpoint.trainer_tensors[ctx.key("rng.cuda")], device)
         scaler.load_state_dict(checkpoint.trainer_state.get("grad_scaler", {}))
+        if augment_rng is not None:
+            augment_rng.set_state(checkpoint.trainer_tensors[ctx.key("rng.augment")])
         start_step, best = checkpoint.trainer_state["step"], checkpoint.trainer_state["best_val"]
         stale = checkpoint.trainer_state.get("evaluations_without_gain", 0)
 
@@ -354,8 +377,9 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         _set_learning_rate(optimizer, config, step)
         # The whole global batch is drawn before sharding, so every rank consumes the sampler's RNG alike.
         batch = ctx.shard(train_part.draw_batch(sampler.next_batch(), sampler.rng))
-        references = images.batch([q.reference for q in batch], device)
-        targets = images.batch([q.target for q in batch], device)
+        augmenting = {} if augment_rng is None else {"generator": augment_rng}
+        references = images.batch([q.reference for q in batch], device, **augmenting)
+        targets = images.batch([q.target for q in batch], device, **augmenting)
         texts = [q.text for q in batch]
         attending = attention is not None and step >= attention.config.start_step
         step_loss = attention.adding_to(loss_fn, model, batch, references, texts, targets, pixels,
@@ -369,7 +393,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                        **({"attention_loss": attention.last} if attending else {})})
         checkpointing = done % config.train.eval_every == 0 or done == config.train.iterations
         # Gathering every rank's RNG states (for an exact resume) is a collective: all ranks take part.
-        rng_states = ctx.gather_states(_rng_tensors(triplet_rng, device)) if checkpointing else {}
+        rng_states = ctx.gather_states(_rng_tensors(triplet_rng, device, augment_rng)) if checkpointing else {}
         if ctx.is_main and checkpointing:
             best, stale = _select(selection, model, images, device, best, stale, done, log,
                                   lambda: save_checkpoint(run_dir / BEST, model, config, vocab))

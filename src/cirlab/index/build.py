@@ -89,7 +89,7 @@ def _embed_files(model: CIRModel, paths: Sequence[Path], batch_size: int, device
         return np.empty((0, 0), dtype=np.float32)
     vectors: dict[int, np.ndarray] = {}
     for start in range(0, len(paths), batch_size):
-        tensors = [image_tensor(load_image(path), model.image_size) for path in paths[start:start + batch_size]]
+        tensors = [image_tensor(load_image(path), model.preprocessing) for path in paths[start:start + batch_size]]
         by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for offset, tensor in enumerate(tensors):
             by_size[tuple(tensor.shape)].append(start + offset)
@@ -278,7 +278,7 @@ def search_index(index: Index, model: CIRModel, reference_image: Image.Image | s
     model.eval()
     try:
         with torch.no_grad():
-            query = model.encode_queries(image_tensor(image, model.image_size).unsqueeze(0).to(device), [text])
+            query = model.encode_queries(image_tensor(image, model.preprocessing).unsqueeze(0).to(device), [text])
     finally:
         model.train(was_training)
     skipped = reference_id if exclude_reference else None

@@ -22,8 +22,8 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from cirlab.image_batches import CachedMaps, ImageBatches, PixelImages
-from cirlab.images import fit_image, normalise
+from cirlab.image_batches import CachedMaps, ImageBatches, PixelImages, cut_windows
+from cirlab.images import CropWindow, Preprocessing, centre_offsets, normalise, stored_image
 from cirlab.masks.build import ensure_masks
 from cirlab.masks.cache import MaskCache
 from cirlab.masks.sources import MaskSource
@@ -58,16 +58,32 @@ class MaskedBatch:
 
 
 class MaskPixels:
-    """A split's masks held as uint8 (N x 1 x H x W); batches come out as `mask_images`."""
+    """A split's masks held as uint8 (N x 1 x H x W), as their photos' `PixelImages.stored` (the same fit, at the
+    same stored size) when `preprocessing` is given; batches come out as `mask_images` of the evaluation view, or
+    of given training windows (`cut`)."""
 
-    def __init__(self, masks: Tensor) -> None:
-        self.masks = masks
+    def __init__(self, masks: Tensor, preprocessing: Preprocessing | None = None) -> None:
+        self.stored, self.preprocessing = masks, preprocessing
 
     def __len__(self) -> int:
-        return len(self.masks)
+        return len(self.stored)
+
+    @property
+    def masks(self) -> Tensor:
+        """The evaluation view: the stored masks' centre window of the model's size."""
+        if self.preprocessing is None:
+            return self.stored
+        height, width = self.preprocessing.size
+        top, left = centre_offsets(tuple(self.stored.shape[-2:]), (height, width))
+        return self.stored[:, :, top:top + height, left:left + width]
 
     def batch(self, indices: Sequence[int] | Tensor, device: torch.device | str = "cpu") -> Tensor:
         return mask_images(self.masks[torch.as_tensor(indices)].to(device))
+
+    def cut(self, indices: Sequence[int] | Tensor, windows: Sequence[CropWindow],
+            device: torch.device | str = "cpu") -> Tensor:
+        """The masks at `indices` cut by their photos' training windows."""
+        return mask_images(cut_windows(self.stored, indices, windows, self.preprocessing).to(device))
 
 
 class ConstantImages:
@@ -82,6 +98,11 @@ class ConstantImages:
     def batch(self, indices: Sequence[int] | Tensor, device: torch.device | str = "cpu") -> Tensor:
         return self.image.to(device).expand(len(torch.as_tensor(indices)), -1, -1, -1)
 
+    def cut(self, indices: Sequence[int] | Tensor, windows: Sequence[CropWindow],
+            device: torch.device | str = "cpu") -> Tensor:
+        """A constant image is its own window (a uniform mask stays uniform under any crop)."""
+        return self.batch(indices, device)
+
 
 class MaskedImages:
     """A split's images plus their masks: an `ImageBatches` whose batches are `MaskedBatch`es."""
@@ -92,24 +113,29 @@ class MaskedImages:
     def __len__(self) -> int:
         return len(self.images)
 
-    def batch(self, indices: Sequence[int] | Tensor, device: torch.device | str = "cpu") -> MaskedBatch:
+    def batch(self, indices: Sequence[int] | Tensor, device: torch.device | str = "cpu",
+              generator: torch.Generator | None = None) -> MaskedBatch:
+        """With a `generator` (training under a random augmentation), each photo and its mask are cut by one
+        shared window, so the mask keeps covering its photo's dominant portion. (The OFFSET code crops photo and
+        mask independently, which misaligns them: an evident slip, not copied.)"""
         index = torch.as_tensor(indices)
-        return MaskedBatch(self.images.batch(index, device), self.masks.batch(index, device))
+        if generator is None or not isinstance(self.images, PixelImages) or not self.images.preprocessing.is_random:
+            return MaskedBatch(self.images.batch(index, device), self.masks.batch(index, device))
+        windows = self.images.draw_windows(index, generator)
+        photos = normalise(cut_windows(self.images.stored, index, windows, self.images.preprocessing).to(device))
+        return MaskedBatch(photos, self.masks.cut(index, windows, device))
 
 
-def _fitted(mask: np.ndarray, image: Path, height: int, width: int) -> np.ndarray:
-    """`mask` (at its image's size) preprocessed as its image was for the model: as is, or resized and
-    centre-cropped to height x width like `fit_image`."""
+def _fitted(mask: np.ndarray, image: Path, preprocessing: Preprocessing) -> np.ndarray:
+    """`mask` (at its image's size) fitted as its image is stored for the model (`stored_image`: the same pad,
+    scale and stored size; the pad is mask background, 0)."""
     with Image.open(image) as opened:
         size = opened.size
     if mask.shape != (size[1], size[0]):
         raise ValueError(f"the mask of {image} is {mask.shape[1]} x {mask.shape[0]}, but the image is "
                          f"{size[0]} x {size[1]}: rebuild the masks with --overwrite")
-    if mask.shape == (height, width):
-        return mask
-    if height != width:
-        raise ValueError(f"the model sees {image} at {width} x {height}, which no square resize gives")
-    return np.asarray(fit_image(Image.fromarray(mask), height).convert("L"))
+    spec = dataclasses.replace(preprocessing, pad_fill=0)
+    return np.asarray(stored_image(Image.fromarray(mask).convert("RGB"), spec).convert("L"))
 
 
 def _cache_for(source: MaskSource, image: Path, data_root: Path | None) -> MaskCache:
@@ -128,13 +154,13 @@ def _cache_for(source: MaskSource, image: Path, data_root: Path | None) -> MaskC
     return cache
 
 
-def dataset_masks(source: MaskSource, paths: Sequence[Path], height: int, width: int, data_root: Path | None = None,
-                  progress: bool = True) -> Tensor:
-    """The masks of `paths` (N x 1 x height x width uint8), preprocessed like the images, from the dataset's
-    cache; missing ones are computed first where the source can."""
+def dataset_masks(source: MaskSource, paths: Sequence[Path], preprocessing: Preprocessing,
+                  data_root: Path | None = None, progress: bool = True) -> Tensor:
+    """The masks of `paths` (N x 1 x H x W uint8), stored as the images are (`PixelImages.stored`), from the
+    dataset's cache; missing ones are computed first where the source can."""
     cache = _cache_for(source, Path(paths[0]), data_root)
     ensure_masks(cache, source, paths, progress)
-    masks = [_fitted(cache.read(path), Path(path), height, width)
+    masks = [_fitted(cache.read(path), Path(path), preprocessing)
              for path in tqdm(paths, desc=f"reading {source.name} masks", unit="img", disable=not progress)]
     return torch.from_numpy(np.stack(masks))[:, None]
 
@@ -156,8 +182,8 @@ def attach_masks(model: torch.nn.Module, images: ImageBatches, pixels: PixelImag
             one = CachedMaps(model.image_encoder, one, device, progress=False)
         masks: ImageBatches = ConstantImages(one.batch([0]), len(pixels))
     else:
-        height, width = pixels.pixels.shape[2:]
-        masks = MaskPixels(dataset_masks(source, paths, height, width, data_root, progress))
+        spec = pixels.preprocessing
+        masks = MaskPixels(dataset_masks(source, paths, spec, data_root, progress), spec)
         if cached:
             masks = CachedMaps(model.image_encoder, masks, device, progress=progress)
     return MaskedImages(images, masks)
