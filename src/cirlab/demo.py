@@ -70,6 +70,7 @@ def run_demo(out: Path, config_path: Path, data_root: Path | None = None) -> dic
     print("Next steps:\n"
           f"  cirlab eval {out / 'tirg' / BEST}                  # re-evaluate a checkpoint\n"
           "  cirlab data make-css data/css-full --preset full     # TIRG-scale synthetic CSS\n"
-          "  cirlab train --config configs/css/tirg.yaml --set data.root=data/css-full --out runs/tirg\n"
+          "  cirlab train --config configs/css/tirg.yaml --out runs/tirg  # the paper recipe: a GPU job that\n"
+          "      needs torchvision's ImageNet ResNet-18 at weights/resnet18-f37072fd.pth\n"
           "  python benchmarks/css_quality.py --help              # the quality table of docs/results.md")
     return results
