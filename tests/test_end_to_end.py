@@ -123,3 +123,14 @@ def test_evaluations_sharing_an_image_cache_reuse_one_frozen_backbones_maps(tiny
     assert frozen_backbone_key(a) != frozen_backbone_key(b)
     b.image_encoder.freeze_backbone = False
     assert frozen_backbone_key(b) is None
+
+
+def test_loading_a_checkpoint_draws_no_random_initial_values(tiny_index):
+    """Every tensor comes from the file, so building the model draws nothing from torch's generator, and
+    modules built afterwards are randomly initialised again."""
+    before = torch.get_rng_state()
+    model = load_checkpoint(tiny_index.checkpoint).model
+    assert torch.equal(torch.get_rng_state(), before)
+    saved = load_file(tiny_index.checkpoint / "model.safetensors")
+    assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in saved.items())
+    assert not torch.equal(torch.nn.Linear(4, 4).weight, torch.nn.Linear(4, 4).weight)
