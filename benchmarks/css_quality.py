@@ -25,10 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import command_line, describe_machine, publish  # noqa: E402
+from machine import command_line, describe_machine, image_towers, publish  # noqa: E402
 
 from cirlab.checkpoint import load_checkpoint  # noqa: E402
-from cirlab.config import load_config  # noqa: E402
+from cirlab.config import Config, load_config  # noqa: E402
 from cirlab.data.benchmarks import load_splits  # noqa: E402
 from cirlab.data.css import generate_css, load_css, object_mask  # noqa: E402
 from cirlab.data.regions import mask_box  # noqa: E402
@@ -115,12 +115,13 @@ def main() -> None:
     test_images: dict[str, ImageBatches] = {}
     results: dict[str, list[dict[str, float]]] = {model: [] for model in args.models}
     seconds: dict[str, list[float]] = {model: [] for model in args.models}
+    configs: dict[str, Config] = {}
     _, test_split = load_splits(load_config(None, [f"data.root={data}"]).data)
     if any(model.endswith(ORACLE) for model in args.models):
         write_oracle_boxes(data, oracle_folder(args))
     for seed in args.seeds:
         for model in args.models:
-            config = load_config(config_path(args, model), recipe(args, model, seed))
+            config = configs[model] = load_config(config_path(args, model), recipe(args, model, seed))
             started = time.perf_counter()
             train(config, out / f"{model}-seed{seed}", image_cache=cache, overwrite=True)
             seconds[model].append(time.perf_counter() - started)
@@ -151,7 +152,7 @@ def main() -> None:
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {statistics.mean(seconds[model]):.0f} |")
     if any(model.endswith(ORACLE) for model in args.models):
         lines += ["", ORACLE_NOTE]
-    lines += ["", css_protocol(load_config(None, []).protocol).describe(),
+    lines += ["", css_protocol(load_config(None, []).protocol).describe(), image_towers(configs),
               f"machine: {describe_machine()}", f"command: {command_line()}"]
     publish(out, "\n".join(lines), {"runs": results, "seconds": seconds, "args": vars(args)})
 

@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from css_quality import config_path, full_css, recipe, summarise  # noqa: E402
-from machine import command_line, describe_machine, publish  # noqa: E402
+from machine import command_line, describe_machine, image_towers, publish  # noqa: E402
 
 from cirlab.checkpoint import load_checkpoint  # noqa: E402
-from cirlab.config import load_config  # noqa: E402
+from cirlab.config import Config, load_config  # noqa: E402
 from cirlab.data.benchmarks import load_splits  # noqa: E402
 from cirlab.data.regions import EDIT_REGIONS_FILE  # noqa: E402
 from cirlab.devices import resolve_device  # noqa: E402
@@ -65,11 +65,13 @@ def main() -> None:
     variants = {"plain": [], "mmgrad": [f"train.mmgrad.weight={args.weight}"]}
     runs: dict[str, list[dict]] = {}
     baselines: dict[str, list[dict]] = {}
+    configs: dict[str, Config] = {}
     for seed in args.seeds:
         for model in args.models:
             for variant, extra in variants.items():
                 name = f"{model}-{variant}-seed{seed}"
-                config = load_config(config_path(args, model), recipe(args, model, seed) + extra + args.set)
+                config = configs[f"{model} {variant}"] = load_config(config_path(args, model),
+                                                                   recipe(args, model, seed) + extra + args.set)
                 started = time.perf_counter()
                 train(config, out / name, image_cache=cache, overwrite=True)
                 seconds = time.perf_counter() - started
@@ -90,7 +92,7 @@ def main() -> None:
                 print(f"{name}: R@1 {recall['R@1']:.1f}, " + ", ".join(
                     f"{NAMES[m]} {100 * quality['maps']['mmgrad']['macro'][m]:.1f}" for m in METRICS), flush=True)
         # The table of the seeds done so far, so that a stopped run keeps them (the title names those seeds).
-        publish(out, table(args, data, args.seeds[:args.seeds.index(seed) + 1], runs, baselines),
+        publish(out, table(args, data, args.seeds[:args.seeds.index(seed) + 1], runs, baselines, image_towers(configs)),
                 {"runs": runs, "baselines": baselines, "args": vars(args)})
 
 
@@ -100,7 +102,7 @@ def metric_cells(summaries: list[dict], edit: str) -> list[str]:
 
 
 def table(args: argparse.Namespace, data: Path, seeds: list[int], runs: dict[str, list[dict]],
-          baselines: dict[str, list[dict]]) -> str:
+          baselines: dict[str, list[dict]], towers: str) -> str:
     """The result table over `seeds` (the runs done so far), with its protocol, machine and command."""
     header = "| model | R@1 | " + " | ".join(NAMES[m] for m in METRICS) + " | train s/run |"
     overrides = f"; overrides {', '.join(args.set)}" if args.set else ""
@@ -121,7 +123,7 @@ def table(args: argparse.Namespace, data: Path, seeds: list[int], runs: dict[str
             lines.append(f"| {name} | {edit} | " + " | ".join(metric_cells(summaries, edit)) + " |")
     lines += ["", f"explanations: MMGrad (diff_thresh scalar) on the reference image, in eval mode; {args.queries} "
               "sampled test queries per run; pointing-game tolerance 2 px at 64 px; metrics in percent, macro mean "
-              "over the edit types add, remove, make", css_protocol(load_config(None, []).protocol).describe(),
+              "over the edit types add, remove, make", css_protocol(load_config(None, []).protocol).describe(), towers,
               f"machine: {describe_machine()}", f"command: {command_line()}"]
     return "\n".join(lines)
 

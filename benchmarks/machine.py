@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from cirlab.config import Config
+from cirlab.encoders.image import image_initialisation
 from cirlab.files import atomic_write_text
 
 
@@ -31,6 +33,16 @@ def describe_machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"{gpu}, Python {platform.python_version()}")
+
+
+def image_towers(configs: dict[str, Config]) -> str:
+    """How each model's image tower was initialised, for the line under a table: "image towers: bundled
+    EfficientNet-Lite0 ImageNet weights (tirg, concat)"; results from differently started towers do not compare."""
+    models_by_start: dict[str, list[str]] = {}
+    for model, config in configs.items():
+        start = image_initialisation(config.model.image_backbone, config.model.image_weights)
+        models_by_start.setdefault(start, []).append(model)
+    return "image towers: " + "; ".join(f"{start} ({', '.join(models)})" for start, models in models_by_start.items())
 
 
 def command_line() -> str:

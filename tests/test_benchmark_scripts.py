@@ -46,6 +46,7 @@ def test_css_quality(monkeypatch, tiny_css, tmp_path, one_torch_thread):
     assert set(table) == {"image_only", "tirg"}
     assert all(0 <= float(table[m]["R@1"].split()[0]) <= float(table[m]["R@50"].split()[0]) <= 100 for m in table)
     assert len(record["details"]["runs"]["tirg"]) == 1
+    assert "image towers: bundled EfficientNet-Lite0 ImageNet weights (image_only, tirg)" in record["markdown"]
 
 
 def test_explain_quality_counts_each_seeds_baselines_once(monkeypatch, tiny_css, tmp_path, one_torch_thread):
@@ -56,6 +57,7 @@ def test_explain_quality_counts_each_seeds_baselines_once(monkeypatch, tiny_css,
     # One entry per seed: the maps need no model, so plain and MMGrad runs of a seed share them.
     assert {name: len(runs) for name, runs in details["baselines"].items()} == {"random": 2, "centre_prior": 2}
     assert {"tirg plain", "tirg mmgrad", "random map", "centre_prior map"} <= set(rows(record))
+    assert "image towers: bundled EfficientNet-Lite0 ImageNet weights (tirg plain, tirg mmgrad)" in record["markdown"]
 
 
 def test_generator_quality(monkeypatch, tmp_path, one_torch_thread):
@@ -63,6 +65,7 @@ def test_generator_quality(monkeypatch, tmp_path, one_torch_thread):
                            "0", "--preset", "demo", "--iterations", "2", "--data", str(tmp_path / "data"),
                            "--out", str(tmp_path / "out"))
     assert "cirr val:" in record["markdown"] and set(rows(record)) == {"tirg"}
+    assert "image tower: bundled EfficientNet-Lite0 ImageNet weights" in record["markdown"]
     assert (tmp_path / "data" / "cirr-demo" / "generation.json").is_file()
 
 
