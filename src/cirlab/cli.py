@@ -48,11 +48,16 @@ def _cmd_make_garments(args: argparse.Namespace) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from cirlab.dataset_check import check_dataset
+    from cirlab.dataset_check import check_dataset, kept_counts
 
     problems = check_dataset(Path(args.root), args.format)
     for problem in problems:
         print(problem)
+    counts = kept_counts(Path(args.root), args.format)
+    if counts:
+        print("with data.missing_images=skip, training and evaluation would keep:")
+        for line in counts:
+            print(f"  {line}")
     print(f"{args.root}: {len(problems)} problem(s) found ({args.format} format)")
     return 1 if problems else 0
 

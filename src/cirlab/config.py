@@ -24,6 +24,11 @@ class ConfigError(ValueError):
 class DataConfig:
     format: str = "css"
     root: str = "data/css-demo"
+    # Images the benchmark's files name but the disk lacks (FashionIQ's dead URLs): "error" stops at load time,
+    # naming the first missing file and the count; "skip" drops every training triplet and evaluation query whose
+    # reference or target is missing and takes missing images out of the gallery, and every result states what
+    # was kept (results on different image subsets are not comparable). Not for CSS.
+    missing_images: str = "error"
     # Fraction of training *source images* held out as the validation split (train.selection=carve).
     val_fraction: float = 0.1
     # Side of the square images the model sees: the shorter side is resized to it, then centre-cropped.

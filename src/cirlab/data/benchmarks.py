@@ -10,19 +10,31 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cirlab.config import Config, ConfigError, DataConfig
+from cirlab.data.cirr import SPLITS as CIRR_SPLITS
 from cirlab.data.cirr import load_cirr
 from cirlab.data.css import CSSSplit, load_css
 from cirlab.data.css3d import render_folder
-from cirlab.data.evalsets import EvalQuery, EvalSet, TrainingSet
+from cirlab.data.errors import DataFormatError
+from cirlab.data.evalsets import (
+    MISSING_IMAGE_POLICIES,
+    EvalQuery,
+    EvalSet,
+    KeptCount,
+    TrainingSet,
+    evalset_without_missing,
+    raise_missing_images,
+    training_without_missing,
+)
 from cirlab.data.fashion200k import load_fashion200k
 from cirlab.data.fashioniq import CATEGORIES, combine_categories, load_fashioniq
+from cirlab.data.fashioniq import SPLITS as FASHIONIQ_SPLITS
 from cirlab.data.folder import load_folder
 from cirlab.data.mitstates import load_mitstates
 from cirlab.data.records import Query, Redraw, RetrievalSplit
@@ -40,6 +52,8 @@ PROTOCOL_CHOICES: dict[str, tuple[str, ...]] = {
     "folder": ("gallery", "reference"),
 }
 _OPTIONAL_CHOICES = ("split", "gallery", "reference", "caption_join")
+# The evaluation splits (protocol.split) of the formats that have several; `cirlab data check` counts each.
+EVAL_SPLITS: dict[str, tuple[str, ...]] = {"fashioniq": FASHIONIQ_SPLITS[1:], "cirr": CIRR_SPLITS[1:]}
 
 
 MetricsByName = dict[str, dict[str, float]]
@@ -53,6 +67,8 @@ class Benchmark:
     evalsets: list[EvalSet]    # several for FashionIQ (one per category), one otherwise
     # Per-set metrics (keyed by set name) -> the reported ones; None: the single set's own metrics.
     combine: Callable[[MetricsByName], dict[str, float]] | None = None
+    # What data.missing_images=skip kept of each split (training, then evaluation); empty under "error".
+    kept: list[KeptCount] = field(default_factory=list)
 
 
 def _css_split(name: str, targets: CSSSplit, references: CSSSplit | None = None) -> RetrievalSplit:
@@ -136,6 +152,8 @@ def training_split(training: TrainingSet) -> RetrievalSplit:
 
 
 def _merged(sets: list[TrainingSet]) -> TrainingSet:
+    if len(sets) == 1:
+        return sets[0]  # keeps its draws
     return TrainingSet([t for s in sets for t in s.triplets], {k: v for s in sets for k, v in s.image_paths.items()})
 
 
@@ -165,32 +183,66 @@ def _fashioniq(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark
     loaded = [load_fashioniq(root, category, **choices, train_captions=config.data.train_captions,
                              corrections=Path(corrections.format(category=category)) if corrections else None)
               for category in categories]
-    return Benchmark(training_split(_merged([training for training, _ in loaded])), [e for _, e in loaded],
-                     combine=lambda per_set: combine_categories({name.removeprefix("fashioniq-"): metrics
-                                                                 for name, metrics in per_set.items()}))
+    return _triplet_benchmark(config, loaded, combine=lambda per_set: combine_categories(
+        {name.removeprefix("fashioniq-"): metrics for name, metrics in per_set.items()}))
 
 
 def _folder(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark:
     if not config.data.eval_file:
         raise ConfigError("the folder format needs data.eval_file (a JSONL of {reference, text, target})")
     train_file = root / config.data.train_file if config.data.train_file else None
-    training, evalset = load_folder(root, root / config.data.eval_file, train_file, **choices)
-    return Benchmark(training_split(training), [evalset])
+    return _triplet_benchmark(config, [load_folder(root, root / config.data.eval_file, train_file, **choices)])
 
 
-def _simple(load: Callable[..., tuple[TrainingSet, EvalSet]], seeded: bool = False) -> Callable[..., Benchmark]:
+def _simple(load: Callable[..., tuple[TrainingSet, EvalSet]], seeded: bool = False,
+            finds_images: bool = False) -> Callable[..., Benchmark]:
+    """A reader of (root, protocol choices) -> (training set, evaluation set). `finds_images`: it looks images up
+    by name below the root (Shoes), so it takes data.missing_images itself: an image it cannot find has no path."""
     def read(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark:
-        seed = {"seed": config.train.seed} if seeded else {}
-        training, evalset = load(root, **choices, **seed)
-        return Benchmark(training_split(training), [evalset])
+        options: dict[str, Any] = {"seed": config.train.seed} if seeded else {}
+        if finds_images:
+            options["missing_images"] = config.data.missing_images
+        return _triplet_benchmark(config, [load(root, **choices, **options)])
     return read
+
+
+def _triplet_benchmark(config: Config, loaded: list[tuple[TrainingSet, EvalSet]],
+                       combine: Callable[[MetricsByName], dict[str, float]] | None = None) -> Benchmark:
+    """The benchmark of a reader's (training set, evaluation set) pairs, one per FashionIQ category, under
+    data.missing_images: "error" refuses a missing image now rather than when training decodes it; "skip"
+    leaves missing images out and records what is kept."""
+    kept: list[KeptCount] = []
+    if config.data.missing_images == "error":
+        raise_missing_images([images for training, evalset in loaded
+                              for images in (training.image_paths, evalset.image_paths)],
+                             f"cirlab data check {config.data.root} --format {config.data.format}")
+    else:
+        loaded, kept = _without_missing(loaded)
+    return Benchmark(training_split(_merged([training for training, _ in loaded])), [e for _, e in loaded],
+                     combine, kept)
+
+
+def _without_missing(loaded: list[tuple[TrainingSet, EvalSet]]
+                     ) -> tuple[list[tuple[TrainingSet, EvalSet]], list[KeptCount]]:
+    """Every pair without its missing images, and the counts: training splits first, then evaluation splits."""
+    pairs, training_counts, eval_counts = [], [], []
+    for training, evalset in loaded:
+        training, training_count = training_without_missing(training, f"{evalset.benchmark} train")
+        evalset, eval_count = evalset_without_missing(evalset)
+        if eval_count.total and not eval_count.kept:
+            raise DataFormatError(f"{eval_count.split}: {eval_count.describe()}: every query names a missing image, "
+                                  "so nothing is left to evaluate")
+        pairs.append((training, evalset))
+        training_counts.append(training_count)
+        eval_counts.append(eval_count)
+    return pairs, training_counts + eval_counts
 
 
 _READERS: dict[str, Callable[[Config, Path, dict[str, Any]], Benchmark]] = {
     "css": _css,
     "fashioniq": _fashioniq,
     "cirr": _simple(load_cirr),
-    "shoes": _simple(load_shoes),
+    "shoes": _simple(load_shoes, finds_images=True),
     "fashion200k": _simple(load_fashion200k, seeded=True),
     "mitstates": _simple(load_mitstates, seeded=True),
     "folder": _folder,
@@ -202,6 +254,12 @@ def load_benchmark(config: Config) -> Benchmark:
     fmt = config.data.format
     if fmt not in _READERS:
         raise ConfigError(f"unknown data format '{fmt}' (known: {', '.join(_READERS)})")
+    if config.data.missing_images not in MISSING_IMAGE_POLICIES:
+        raise ConfigError(f"unknown data.missing_images {config.data.missing_images!r} "
+                          f"(known: {', '.join(MISSING_IMAGE_POLICIES)})")
+    if config.data.missing_images == "skip" and fmt == "css":
+        raise ConfigError("data.missing_images=skip does not apply to css: its splits index every image by position, "
+                          "so its reader needs them all")
     if config.data.train_captions != "join" and fmt != "fashioniq":
         raise ConfigError(f"data.train_captions={config.data.train_captions} is for FashionIQ's two captions, "
                           f"not {fmt}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from cirlab.data.errors import DataFormatError
-from cirlab.data.records import TargetDraws
+from cirlab.data.records import Pick, TargetDraws
 
 
 @dataclass(frozen=True)
@@ -241,6 +241,104 @@ def raise_first(problems: list[str], checker: str) -> None:
         raise DataFormatError(problems[0] + more)
 
 
+def absent_images(image_paths: Mapping[str, Path]) -> list[str]:
+    """The ids whose image file does not exist, in mapping order."""
+    return [image for image, path in image_paths.items() if not path.is_file()]
+
+
 def missing_images(image_paths: Mapping[str, Path]) -> list[str]:
     """One problem line per image id whose file does not exist."""
-    return [f"image {image!r}: missing file {path}" for image, path in image_paths.items() if not path.is_file()]
+    return [f"image {image!r}: missing file {image_paths[image]}" for image in absent_images(image_paths)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmarks with missing images (data.missing_images)
+# ---------------------------------------------------------------------------------------------
+
+MISSING_IMAGE_POLICIES = ("error", "skip")
+# A redraw whose target is missing is drawn again; a kept slot's stored target exists, so a run of this many
+# misses has a negligible chance unless nearly all of a source's targets are gone.
+_REDRAW_ATTEMPTS = 10_000
+
+
+@dataclass(frozen=True)
+class KeptCount:
+    """What data.missing_images=skip keeps of one split: its training triplets or evaluation queries, and the
+    gallery of an evaluation split."""
+
+    split: str                                  # e.g. "fashioniq-dress train", "cirr val"
+    noun: str                                   # "training triplets" or "queries"
+    kept: int
+    total: int
+    gallery: tuple[int, int] | None = None      # (kept, total) gallery images; None for training
+
+    def describe(self) -> str:
+        text = f"{self.kept:,} of {self.total:,} {self.noun} kept"
+        return text if self.gallery is None else f"{text}; gallery {self.gallery[0]:,} of {self.gallery[1]:,}"
+
+
+class AvailableDraws(TargetDraws):
+    """A reader's training draws without the missing images: a draw naming a missing target is drawn again,
+    so the reader's rule holds, conditioned on the target existing. `texts` stays the reader's (it may name a
+    text whose every target is missing: a larger vocabulary, nothing more)."""
+
+    def __init__(self, draws: TargetDraws, missing: set[str]) -> None:
+        self.draws, self.missing = draws, missing
+
+    def images(self) -> Iterable[str]:
+        return [image for image in self.draws.images() if image not in self.missing]
+
+    def draw(self, source: str, pick: Pick) -> tuple[str, str]:
+        for _ in range(_REDRAW_ATTEMPTS):
+            text, target = self.draws.draw(source, pick)
+            if target not in self.missing:
+                return text, target
+        raise DataFormatError(f"image {source!r}: {_REDRAW_ATTEMPTS:,} training draws in a row named a missing "
+                              "target image")
+
+    def texts(self, source: str) -> frozenset[str]:
+        return self.draws.texts(source)
+
+
+def raise_missing_images(image_maps: Iterable[Mapping[str, Path]], check_command: str) -> None:
+    """data.missing_images=error: stop at load time, naming the first missing file and how many are missing."""
+    paths = list(dict.fromkeys(path for images in image_maps for path in images.values()))
+    absent = [path for path in paths if not path.is_file()]
+    if absent:
+        raise DataFormatError(f"{absent[0]}: missing image ({len(absent):,} of the benchmark's {len(paths):,} images "
+                              f"are missing; `{check_command}` lists them, data.missing_images=skip leaves them out)")
+
+
+def _available_query(query: EvalQuery, missing: set[str]) -> EvalQuery | None:
+    """The query over the images that exist, or None when its reference or every one of its targets is missing.
+    A query with several targets (a label rule, several ground truths) stays while one of them exists, scored
+    on the existing ones: a missing image can no more be retrieved than one the dataset never had."""
+    targets = query.targets - missing
+    if query.reference in missing or (query.targets and not targets):
+        return None
+    subset = None if query.subset is None else tuple(member for member in query.subset if member not in missing)
+    return replace(query, targets=targets, excluded=query.excluded - missing, subset=subset)
+
+
+def evalset_without_missing(evalset: EvalSet) -> tuple[EvalSet, KeptCount]:
+    """The evaluation set without its missing images: queries whose reference or every target is missing are
+    dropped (an unlabelled query needs its reference only), and the gallery loses the missing images. The
+    protocol states the counts."""
+    missing = set(absent_images(evalset.image_paths))
+    queries = [kept for kept in (_available_query(q, missing) for q in evalset.queries) if kept is not None]
+    gallery = [image for image in evalset.gallery if image not in missing]
+    count = KeptCount(f"{evalset.benchmark} {evalset.split}", "queries", len(queries), len(evalset.queries),
+                      (len(gallery), len(evalset.gallery)))
+    available = replace(evalset, gallery=gallery, queries=queries,
+                        image_paths={i: p for i, p in evalset.image_paths.items() if i not in missing},
+                        protocol={**evalset.protocol, "missing_images": f"skipped: {count.describe()}"})
+    return available, count
+
+
+def training_without_missing(training: TrainingSet, split: str) -> tuple[TrainingSet, KeptCount]:
+    """The training set without the triplets whose reference or target is missing; draws skip missing targets."""
+    missing = set(absent_images(training.image_paths))
+    kept = [t for t in training.triplets if t.reference not in missing and t.target not in missing]
+    draws = AvailableDraws(training.draws, missing) if training.draws is not None and missing else training.draws
+    available = TrainingSet.located(kept, training.image_paths.__getitem__, draws)
+    return available, KeptCount(split, "training triplets", len(kept), len(training.triplets))

@@ -130,16 +130,18 @@ def _read_split(path: Path) -> tuple[list[str], list[str]]:
     return names, problems
 
 
-def _image_extension(images: Path, asin: str, image_ext: str) -> str:
-    """The file extension of this copy of the images: ".jpg", ".png", or detected from the first image."""
+def _image_extension(images: Path, names: Sequence[str], image_ext: str) -> str:
+    """The file extension of this copy of the images: ".jpg", ".png", or detected from the first image of
+    `names` that exists (the first may be missing: data.missing_images=skip)."""
     if image_ext != "auto":
         if image_ext not in IMAGE_EXTENSIONS:
             raise ValueError(f"unknown image extension {image_ext!r} (known: auto, {', '.join(IMAGE_EXTENSIONS)})")
         return image_ext
-    for extension in IMAGE_EXTENSIONS:
-        if (images / f"{asin}{extension}").is_file():
-            return extension
-    raise DataFormatError(f"{images}: image {asin!r} is missing as both .jpg and .png")
+    for name in names:
+        for extension in IMAGE_EXTENSIONS:
+            if (images / f"{name}{extension}").is_file():
+                return extension
+    raise DataFormatError(f"{images}: none of the split's {len(names)} images exists as .jpg or .png")
 
 
 def _texts(entry: dict, caption_join: str, corrections: Mapping[str, str] | None) -> tuple[str, ...]:
@@ -232,7 +234,7 @@ def load_fashioniq(root: Path | str, category: str, split: str = "val", *, galle
     raise_first(_membership_problems(entries, names, captions_path, split_path), "check_fashioniq")
     if not names:
         raise DataFormatError(f"{split_path}: no images")
-    extension = _image_extension(root / "images", names[0], image_ext)
+    extension = _image_extension(root / "images", names, image_ext)
     image_ids = set(names) | {e["candidate"] for e in entries}
     evalset = EvalSet(
         benchmark=f"fashioniq-{category}", split=split, gallery=_gallery(names, entries, gallery),

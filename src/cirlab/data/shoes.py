@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from cirlab.data.errors import DataFormatError
-from cirlab.data.evalsets import EvalQuery, EvalSet, TrainingSet, Triplet, raise_first, read_json, read_lines
+from cirlab.data.evalsets import (
+    MISSING_IMAGE_POLICIES,
+    EvalQuery,
+    EvalSet,
+    TrainingSet,
+    Triplet,
+    raise_first,
+    read_json,
+    read_lines,
+)
 
 CAPTIONS_FILE = "relative_captions_shoes.json"
 TRAIN_NAMES = "train_im_names.txt"
@@ -89,20 +98,25 @@ def _triplets(entries: list[dict], names: set[str]) -> list[dict[str, Any]]:
     return [e for e in entries if e["ReferenceImageName"] in names and e["ImageName"] in names]
 
 
-def load_shoes(root: Path | str) -> tuple[TrainingSet, EvalSet]:
-    """Training triplets and the evaluation set (the release has one evaluation split, "eval")."""
+def load_shoes(root: Path | str, *, missing_images: str = "error") -> tuple[TrainingSet, EvalSet]:
+    """Training triplets and the evaluation set (the release has one evaluation split, "eval").
+
+    `missing_images`: "error" refuses a listed image not found below the root; "skip" gives it a path that does
+    not exist (<root>/<name>), so `cirlab.data.evalsets`' skipping leaves it out as any missing file."""
+    if missing_images not in MISSING_IMAGE_POLICIES:
+        raise ValueError(f"unknown missing_images {missing_images!r} (known: {', '.join(MISSING_IMAGE_POLICIES)})")
     root = Path(root)
-    entries, train, evaluation, images, problems = _load(root)
+    entries, train, evaluation, found, problems = _load(root)
     raise_first(problems, "check_shoes")
     needed = set(train) | set(evaluation)
-    missing = sorted(needed - set(images))
-    if missing:
+    missing = sorted(needed - set(found))
+    if missing and missing_images == "error":
         raise DataFormatError(f"{root}: image {missing[0]!r} not found below the root "
                               f"({len(missing)} missing; check_shoes lists them all)")
+    images = {name: found.get(name, root / name) for name in sorted(needed)}
     queries = [EvalQuery(e["ReferenceImageName"], e["RelativeCaption"].strip(), frozenset([e["ImageName"]]),
                          frozenset([e["ReferenceImageName"]])) for e in _triplets(entries, set(evaluation))]
-    evalset = EvalSet(benchmark="shoes", split="eval", gallery=list(evaluation),
-                      image_paths={name: images[name] for name in sorted(needed)}, queries=queries,
+    evalset = EvalSet(benchmark="shoes", split="eval", gallery=list(evaluation), image_paths=images, queries=queries,
                       protocol=dict(PROTOCOL), ks=KS)
     train_triplets = [Triplet(e["ReferenceImageName"], e["RelativeCaption"].strip(), e["ImageName"])
                       for e in _triplets(entries, set(train))]
