@@ -232,6 +232,8 @@ def test_a_short_training_run_and_its_evaluation_with_skip(fashioniq, tmp_path):
     config = load_config(None, [*DRESS, f"data.root={fashioniq}", SKIP, "protocol.caption_join=cmap", *TINY,
                                 "train.selection=val"])
     train(config, tmp_path / "run", progress=False)
+    header = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert header["kept"]["fashioniq-dress train"] == "2 of 4 training triplets kept"  # one of two, in both orders
     assert main(["eval", str(tmp_path / "run" / "best")]) == 0
     result = json.loads((tmp_path / "run" / "eval-val.json").read_text())
     assert result["config"]["data"]["missing_images"] == "skip"

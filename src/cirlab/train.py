@@ -302,7 +302,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     torch.manual_seed(config.train.seed)
     learning_rate_factor(config, 0)  # refuses a contradictory schedule before any work
     refuse_cached_augmentation(config)
-    train_split = load_benchmark(config).train
+    benchmark = load_benchmark(config)
+    train_split = benchmark.train
     image_cache = image_cache if image_cache is not None else {}
     selection = checkpoint_selection(config, train_split, image_cache)
     train_part = selection.train_part
@@ -366,7 +367,9 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         log = MetricsLog(run_dir / METRICS, fresh=not resume)
     if ctx.is_main and not resume:
         log.write({"config": config.to_dict(), **selection.record(),
-                   "image_tower": image_initialisation(config.model.image_backbone, config.model.image_weights)})
+                   "image_tower": image_initialisation(config.model.image_backbone, config.model.image_weights),
+                   # data.missing_images=skip: what of each split was there to train and select on
+                   **({"kept": {c.split: c.describe() for c in benchmark.kept}} if benchmark.kept else {})})
     loss_fn = partial(model.training_loss, retrieval_loss=partial(compute_loss, config.train.loss,
                                                                   generator=triplet_rng))
     model.train()
