@@ -7,6 +7,7 @@ from cirlab.data.evalsets import (
     EvalQuery,
     EvalSet,
     average_variant_scores,
+    map_at_k,
     ranked_ids,
     read_json,
     recall_at_k,
@@ -90,3 +91,19 @@ def test_read_json_names_the_file(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(DataFormatError, match=r"bad\.json: not valid JSON"):
         read_json(tmp_path / "bad.json")
+
+
+def test_map_at_k_by_hand():
+    """Gallery g0..g5. Query 0: one target (g2), ranked third -> AP@K = (1/3) / 1 for K >= 3, 0 for K < 3.
+    Query 1: targets g0, g1, g3, g4 (more than K = 2), reference g5 excluded although it scores highest:
+    ranking g0, g3, g1, g2, g4 -> hits at 1, 2, 3, 5. AP@2 = (1 + 1) / 2; AP@5 = (1 + 1 + 1 + 4/5) / 4."""
+    evalset = EvalSet("toy", "test", [f"g{i}" for i in range(6)], {}, [
+        EvalQuery("r", "t", frozenset({"g2"}), frozenset()),
+        EvalQuery("g5", "t", frozenset({"g0", "g1", "g3", "g4"}), frozenset({"g5"})),
+    ], {}, ks=(1,), map_ks=(2, 5))
+    scores = np.array([[0.9, 0.1, 0.5, 0.8, 0.0, 0.2],
+                       [0.9, 0.6, 0.5, 0.8, 0.4, 1.0]])
+    metrics = map_at_k(scores, evalset)
+    assert metrics["mAP@2"] == pytest.approx(100 * (0 + 1.0) / 2)
+    assert metrics["mAP@5"] == pytest.approx(100 * (1 / 3 + 3.8 / 4) / 2)
+    assert "mAP@K for K in [2, 5]" in evalset.describe()

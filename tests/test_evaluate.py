@@ -54,3 +54,21 @@ def test_validation_is_carved_by_source_image():
     train, val = carve_validation(split, 0.1, seed=3)
     assert len(val.queries) == 2 * 5 and len(train.queries) == 18 * 5
     assert not {q.reference for q in train.queries} & {q.reference for q in val.queries}
+
+
+def test_css_reports_map_when_asked(tiny_index):
+    from cirlab.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(tiny_index.checkpoint, ["protocol.map_ks=[5, 10]"], progress=False)
+    assert {"mAP@5", "mAP@10"} <= set(result["metrics"])
+    assert all(0.0 <= result["metrics"][key] <= 100.0 for key in ("mAP@5", "mAP@10"))
+    assert "mAP@K for K in [5, 10]" in result["protocol_text"]
+    assert "mAP@5" not in evaluate_checkpoint(tiny_index.checkpoint, progress=False)["metrics"]
+
+
+def test_map_ks_is_refused_outside_css(tmp_path):
+    from cirlab.config import ConfigError, load_config
+    from cirlab.data.benchmarks import load_benchmark
+
+    with pytest.raises(ConfigError, match="protocol.map_ks is offered on CSS"):
+        load_benchmark(load_config(None, ["data.format=cirr", f"data.root={tmp_path}", "protocol.map_ks=[5]"]))

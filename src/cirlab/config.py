@@ -174,6 +174,8 @@ class ProtocolConfig:
     name: str = "css"
     # null = the benchmark's own K (CSS 1/5/10/50, FashionIQ 10/50, CIRR 1/5/10/50, ...).
     ks: list[int] | None = None
+    # CSS: also report mAP@K for these K (every gallery image with the target's label is a ground truth).
+    map_ks: list[int] | None = None
     # CSS: drop the query's own reference image from its ranking.
     remove_reference: bool = True
     # Benchmark-specific choices; null = the benchmark's default. Setting one that the chosen

@@ -25,7 +25,7 @@ from cirlab.checkpoint import load_checkpoint
 from cirlab.config import Config, ProtocolConfig
 from cirlab.data.benchmarks import CSS_KS, Benchmark, load_benchmark, load_splits
 from cirlab.data.cirr import cirr_average, write_cirr_submissions
-from cirlab.data.evalsets import EvalSet, average_variant_scores, recall_subset_at_k
+from cirlab.data.evalsets import EvalSet, average_variant_scores, map_at_k, recall_subset_at_k
 from cirlab.data.evalsets import recall_at_k as evalset_recall_at_k
 from cirlab.data.records import RetrievalSplit
 from cirlab.data.regions import EDIT_REGIONS_FILE
@@ -225,6 +225,8 @@ def evaluate_evalset(model: CIRModel, evalset: EvalSet, device: torch.device, ks
     totals: dict[str, float] = {}
     for part, scores in _scored_chunks(model, evalset, device, progress, query_chunk, image_cache):
         metrics = evalset_recall_at_k(scores, part, ks)
+        if part.map_ks:
+            metrics.update(map_at_k(scores, part))
         if with_subsets:
             metrics.update(recall_subset_at_k(scores, part))
         for key, value in metrics.items():

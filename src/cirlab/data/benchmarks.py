@@ -110,7 +110,7 @@ def load_splits(config: DataConfig) -> tuple[RetrievalSplit, RetrievalSplit]:
 
 
 def css_evalset(split: RetrievalSplit, remove_reference: bool, ks: tuple[int, ...] = CSS_KS,
-                renders: tuple[str, str] = ("2d", "2d")) -> EvalSet:
+                renders: tuple[str, str] = ("2d", "2d"), map_ks: tuple[int, ...] = ()) -> EvalSet:
     """TIRG's CSS protocol as an EvalSet: every gallery image with the target's label is a hit.
 
     Reference-only images (`split.gallery_size`) get ids prefixed with their folder, so they never
@@ -134,7 +134,7 @@ def css_evalset(split: RetrievalSplit, remove_reference: bool, ks: tuple[int, ..
                    queries=queries, protocol={"images": images, "gallery": "all images of the split",
                                               "reference": removal,
                                               "hit": "retrieved image has the target's label (same scene)"},
-                   ks=ks)
+                   ks=ks, map_ks=map_ks)
 
 
 def training_split(training: TrainingSet) -> RetrievalSplit:
@@ -174,7 +174,8 @@ def _css(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark:
     if split not in ("test", "train"):
         raise ConfigError(f"unknown CSS split {split!r} (known: test, train)")
     return Benchmark(train, [css_evalset(test if split == "test" else train, config.protocol.remove_reference,
-                                         renders=css_renders(config.data))])
+                                         renders=css_renders(config.data),
+                                         map_ks=tuple(config.protocol.map_ks or ()))])
 
 
 def _fashioniq(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark:
@@ -254,6 +255,8 @@ def load_benchmark(config: Config) -> Benchmark:
     fmt = config.data.format
     if fmt not in _READERS:
         raise ConfigError(f"unknown data format '{fmt}' (known: {', '.join(_READERS)})")
+    if config.protocol.map_ks and fmt != "css":
+        raise ConfigError(f"protocol.map_ks is offered on CSS (several ground truths per query), not on {fmt}")
     if config.data.missing_images not in MISSING_IMAGE_POLICIES:
         raise ConfigError(f"unknown data.missing_images {config.data.missing_images!r} "
                           f"(known: {', '.join(MISSING_IMAGE_POLICIES)})")

@@ -77,11 +77,13 @@ class EvalSet:
     queries: list[EvalQuery]
     protocol: dict[str, Any]                # every choice that changes the numbers
     ks: tuple[int, ...]
+    map_ks: tuple[int, ...] = ()            # K of mAP@K, also reported when set (several targets per query)
 
     def describe(self) -> str:
         """One line stating the protocol."""
         choices = "; ".join(f"{key} = {value}" for key, value in self.protocol.items())
-        return (f"{self.benchmark} {self.split}: {choices}; Recall@K for K in {list(self.ks)} "
+        average = f", mAP@K for K in {list(self.map_ks)}" if self.map_ks else ""
+        return (f"{self.benchmark} {self.split}: {choices}; Recall@K for K in {list(self.ks)}{average} "
                 f"({len(self.queries)} queries, gallery of {len(self.gallery)})")
 
     @property
@@ -161,6 +163,27 @@ def recall_at_k(scores: np.ndarray | torch.Tensor, evalset: EvalSet,
     `scores` is Q x len(gallery) in gallery column order; higher is better; ties rank by gallery order."""
     ranks = _target_ranks(_checked_scores(scores, evalset), evalset)
     return {f"R@{k}": 100.0 * float(np.mean(ranks < k)) for k in (ks or evalset.ks)}
+
+
+def map_at_k(scores: np.ndarray | torch.Tensor, evalset: EvalSet, ks: Sequence[int] | None = None) -> dict[str, float]:
+    """Mean average precision at K, in percent, over every target of each query (CIRCO's metric):
+    AP@K = sum over k <= K of P@k x rel_k, divided by min(K, number of targets), after removing each query's
+    excluded ids (an excluded target is no target). Ties rank by gallery order, as in `recall_at_k`."""
+    array = _checked_scores(scores, evalset)
+    ks = tuple(ks or evalset.map_ks)
+    column = {image: c for c, image in enumerate(evalset.gallery)}
+    totals = dict.fromkeys(ks, 0.0)
+    for index, (row, query) in enumerate(zip(array, evalset.queries)):
+        excluded = _columns(query.excluded, column, "excluded", index)
+        targets = set(_columns(query.targets, column, "target", index)) - set(excluded)
+        row[excluded] = -np.inf
+        order = np.argsort(-row, kind="stable")[:min(max(ks), len(row) - len(set(excluded)))]
+        relevant = np.isin(order, list(targets)).astype(np.float64)
+        precision = np.cumsum(relevant) / np.arange(1, len(order) + 1)
+        for k in ks:
+            if targets:
+                totals[k] += float((precision[:k] * relevant[:k]).sum()) / min(k, len(targets))
+    return {f"mAP@{k}": 100.0 * total / len(evalset.queries) for k, total in totals.items()}
 
 
 def recall_subset_at_k(scores: np.ndarray | torch.Tensor, evalset: EvalSet,
