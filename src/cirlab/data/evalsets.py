@@ -66,6 +66,9 @@ class EvalQuery:
     subset: tuple[str, ...] | None = None   # CIRR: the other members of the query's image set
     query_id: str | None = None             # e.g. the CIRR pairid, for submission files
     text_variants: tuple[str, ...] = ()     # if set: all texts whose score matrices are averaged ([0] == text)
+    ground_truths: frozenset[str] = frozenset()  # mAP's relevant ids where they differ from `targets` (CIRCO's
+                                                 # gt_img_ids; its Recall@K counts target_img_id alone); empty: targets
+    aspects: tuple[str, ...] = ()           # CIRCO's semantic aspects: mAP is also averaged per aspect
 
 
 @dataclass
@@ -78,11 +81,13 @@ class EvalSet:
     protocol: dict[str, Any]                # every choice that changes the numbers
     ks: tuple[int, ...]
     map_ks: tuple[int, ...] = ()            # K of mAP@K, also reported when set (several targets per query)
+    aspect_k: int | None = None             # if set: mAP@aspect_k per aspect of the queries (CIRCO: 10)
 
     def describe(self) -> str:
         """One line stating the protocol."""
         choices = "; ".join(f"{key} = {value}" for key, value in self.protocol.items())
         average = f", mAP@K for K in {list(self.map_ks)}" if self.map_ks else ""
+        average += f", mAP@{self.aspect_k} per semantic aspect" if self.aspect_k else ""
         return (f"{self.benchmark} {self.split}: {choices}; Recall@K for K in {list(self.ks)}{average} "
                 f"({len(self.queries)} queries, gallery of {len(self.gallery)})")
 
@@ -165,25 +170,61 @@ def recall_at_k(scores: np.ndarray | torch.Tensor, evalset: EvalSet,
     return {f"R@{k}": 100.0 * float(np.mean(ranks < k)) for k in (ks or evalset.ks)}
 
 
-def map_at_k(scores: np.ndarray | torch.Tensor, evalset: EvalSet, ks: Sequence[int] | None = None) -> dict[str, float]:
-    """Mean average precision at K, in percent, over every target of each query (CIRCO's metric):
-    AP@K = sum over k <= K of P@k x rel_k, divided by min(K, number of targets), after removing each query's
-    excluded ids (an excluded target is no target). Ties rank by gallery order, as in `recall_at_k`."""
+def _top_columns(array: np.ndarray, top: int) -> np.ndarray:
+    """The `top` best columns of every row, best first, ties in gallery order (what a stable sort of each row
+    gives): one partition of the whole matrix and a sort of `top` columns per row, not a sort of the gallery."""
+    top = min(top, array.shape[1])
+    kth = -np.partition(-array, top - 1, axis=1)[:, top - 1:top]
+    better = array > kth
+    tied = array == kth
+    # of the columns tied with the top-th score, the earliest in the gallery take the places left
+    chosen = better | (tied & (np.cumsum(tied, axis=1) <= top - better.sum(axis=1, keepdims=True)))
+    columns = np.nonzero(chosen)[1].reshape(len(array), top)
+    order = np.argsort(-np.take_along_axis(array, columns, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(columns, order, axis=1)
+
+
+def average_precisions(scores: np.ndarray | torch.Tensor, evalset: EvalSet,
+                       ks: Sequence[int] | None = None) -> dict[int, np.ndarray]:
+    """Each query's AP@K, a fraction, for K in `ks` (default the set's `map_ks`) and the set's `aspect_k`:
+    AP@K = sum over k <= K of P@k x rel_k, divided by min(K, number of ground truths) (CIRCO's evaluation.py).
+    The ground truths are `ground_truths`, else `targets`; excluded ids leave the ranking first (an excluded
+    ground truth is none). Ties rank by gallery order, as in `recall_at_k`."""
     array = _checked_scores(scores, evalset)
-    ks = tuple(ks or evalset.map_ks)
+    if np.isnan(array).any():
+        raise ValueError("scores contain NaN")
+    ks = tuple(dict.fromkeys([*(ks or evalset.map_ks), *([evalset.aspect_k] if evalset.aspect_k else [])]))
     column = {image: c for c, image in enumerate(evalset.gallery)}
-    totals = dict.fromkeys(ks, 0.0)
-    for index, (row, query) in enumerate(zip(array, evalset.queries)):
+    relevant = []
+    for index, query in enumerate(evalset.queries):
         excluded = _columns(query.excluded, column, "excluded", index)
-        targets = set(_columns(query.targets, column, "target", index)) - set(excluded)
-        row[excluded] = -np.inf
-        order = np.argsort(-row, kind="stable")[:min(max(ks), len(row) - len(set(excluded)))]
-        relevant = np.isin(order, list(targets)).astype(np.float64)
-        precision = np.cumsum(relevant) / np.arange(1, len(order) + 1)
-        for k in ks:
-            if targets:
-                totals[k] += float((precision[:k] * relevant[:k]).sum()) / min(k, len(targets))
-    return {f"mAP@{k}": 100.0 * total / len(evalset.queries) for k, total in totals.items()}
+        array[index, excluded] = -np.inf
+        truths = _columns(query.ground_truths or query.targets, column, "ground-truth", index)
+        relevant.append(sorted(set(truths) - set(excluded)))
+    top = _top_columns(array, max(ks))
+    hits = np.array([np.isin(ranked, truths) for ranked, truths in zip(top, relevant)]).reshape(top.shape)
+    precision_sums = np.cumsum(hits * np.cumsum(hits, axis=1) / np.arange(1, top.shape[1] + 1), axis=1)
+    counts = np.array([len(truths) for truths in relevant])
+    return {k: np.divide(precision_sums[:, min(k, top.shape[1]) - 1], np.minimum(k, counts),
+                         out=np.zeros(len(counts)), where=counts > 0) for k in ks}
+
+
+def mean_average_precision(precisions: Mapping[int, np.ndarray], evalset: EvalSet,
+                           ks: Sequence[int] | None = None) -> dict[str, float]:
+    """mAP@K in percent from every query's AP@K (`average_precisions`, chunks concatenated in query order), and
+    with the set's `aspect_k` the mean over the queries of each semantic aspect ("mAP@10/negation")."""
+    metrics = {f"mAP@{k}": 100.0 * float(np.mean(precisions[k])) for k in (ks or evalset.map_ks)}
+    if evalset.aspect_k:
+        for aspect in sorted({aspect for query in evalset.queries for aspect in query.aspects}):
+            members = np.array([aspect in query.aspects for query in evalset.queries])
+            metrics[f"mAP@{evalset.aspect_k}/{aspect}"] = 100.0 * float(np.mean(precisions[evalset.aspect_k][members]))
+    return metrics
+
+
+def map_at_k(scores: np.ndarray | torch.Tensor, evalset: EvalSet, ks: Sequence[int] | None = None) -> dict[str, float]:
+    """Mean average precision at K, in percent, over every ground truth of each query (CIRCO's metric; see
+    `average_precisions`), with mAP per semantic aspect where the set asks for it."""
+    return mean_average_precision(average_precisions(scores, evalset, ks), evalset, ks)
 
 
 def recall_subset_at_k(scores: np.ndarray | torch.Tensor, evalset: EvalSet,
@@ -340,7 +381,8 @@ def _available_query(query: EvalQuery, missing: set[str]) -> EvalQuery | None:
     if query.reference in missing or (query.targets and not targets):
         return None
     subset = None if query.subset is None else tuple(member for member in query.subset if member not in missing)
-    return replace(query, targets=targets, excluded=query.excluded - missing, subset=subset)
+    return replace(query, targets=targets, excluded=query.excluded - missing, subset=subset,
+                   ground_truths=query.ground_truths - missing)
 
 
 def evalset_without_missing(evalset: EvalSet) -> tuple[EvalSet, KeptCount]:
