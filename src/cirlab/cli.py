@@ -96,7 +96,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         return
     result = evaluate_checkpoint(Path(args.checkpoint), args.set, explain_queries=args.explain_queries,
                                  explain_method=args.explain_method)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{result['split']}"
+    # another benchmark than the training one (--set data.format=circo) gets its own name, not the split's alone
+    other_benchmark = any(o.split("=", 1)[0].strip() == "data.format" for o in args.set)
+    name = f"eval-{result['benchmark']}-{result['split']}" if other_benchmark else f"eval-{result['split']}"
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / name
     table, (json_path, markdown_path) = write_result(result, out)
     print(table)
     print(f"wrote {json_path} and {markdown_path}")
@@ -261,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = data_commands.add_parser("check", help="list every missing image and malformed record of a dataset")
     check.add_argument("root", help="dataset folder")
     check.add_argument("--format", required=True,
-                       choices=["css", "fashioniq", "cirr", "shoes", "fashion200k", "mitstates", "folder"])
+                       choices=["css", "fashioniq", "cirr", "shoes", "fashion200k", "mitstates", "folder", "circo"])
     check.set_defaults(func=_cmd_check)
     masks = data_commands.add_parser(
         "masks", help="cache one dominant-portion mask per image (OFFSET) in DATA/dominant_masks/SOURCE/; "
@@ -298,10 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--explain-method", choices=["mmgrad", "gradcam"], default="mmgrad")
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     evaluate.add_argument("--out", help="output path: PATH.json and PATH.md, a given .json or .md suffix "
-                          "kept (default: RUN/eval-SPLIT)")
-    evaluate.add_argument("--submission", metavar="DIR", help="CIRR: write the two test-server files "
-                          "(recall_submission_RUN.json, recall_subset_submission_RUN.json) of protocol.split "
-                          "(default test1) to DIR instead of scoring")
+                          "kept (default: RUN/eval-SPLIT, or RUN/eval-FORMAT-SPLIT with --set data.format=FORMAT)")
+    evaluate.add_argument("--submission", metavar="DIR", help="write the test server's files of protocol.split "
+                          "to DIR instead of scoring: CIRR (default test1) recall_submission_RUN.json and "
+                          "recall_subset_submission_RUN.json; CIRCO (default test) circo_submission_RUN.json")
     evaluate.set_defaults(func=_cmd_eval)
 
     index = commands.add_parser("index", help="build and inspect a persistent gallery index (FAISS or Milvus)")

@@ -180,10 +180,10 @@ class ProtocolConfig:
     remove_reference: bool = True
     # Benchmark-specific choices; null = the benchmark's default. Setting one that the chosen
     # benchmark does not have is an error (see cirlab.data.benchmarks.PROTOCOL_CHOICES).
-    split: str | None = None          # evaluation split: FashionIQ val|test, CIRR val|test1
+    split: str | None = None          # evaluation split: FashionIQ val|test, CIRR val|test1, CIRCO val|test
     gallery: str | None = None        # FashionIQ split|queries; folder eval_images|folder
-    reference: str | None = None      # FashionIQ and folder: kept|removed
-    caption_join: str | None = None   # FashionIQ: clip4cir|starter_kit|offset|cmap|symmetric
+    reference: str | None = None      # FashionIQ, folder and CIRCO: kept|removed
+    caption_join: str | None = None   # FashionIQ: clip4cir|starter_kit|offset|cmap|symmetric; CIRCO caption|concept
 
 
 @dataclass

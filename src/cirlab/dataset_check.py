@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from cirlab.config import Config, DataConfig, ProtocolConfig
 from cirlab.data.benchmarks import EVAL_SPLITS, load_benchmark
+from cirlab.data.circo import check_circo
 from cirlab.data.cirr import check_cirr
 from cirlab.data.css import load_css
 from cirlab.data.css_vocabulary import EDIT_REGIONS_3D_FILE, IMAGES_3D_DIR, IMAGES_DIR
@@ -63,6 +64,7 @@ CHECKERS: dict[str, Callable[[Path], list[str]]] = {
     "fashion200k": check_fashion200k,
     "mitstates": check_mitstates,
     "folder": _check_folder,
+    "circo": check_circo,
 }
 
 

@@ -13,19 +13,27 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from cirlab.checkpoint import load_checkpoint
 from cirlab.config import Config, ProtocolConfig
 from cirlab.data.benchmarks import CSS_KS, Benchmark, load_benchmark, load_splits
+from cirlab.data.circo import write_circo_submission
 from cirlab.data.cirr import cirr_average, write_cirr_submissions
-from cirlab.data.evalsets import EvalSet, average_variant_scores, map_at_k, recall_subset_at_k
+from cirlab.data.evalsets import (
+    EvalSet,
+    average_precisions,
+    average_variant_scores,
+    mean_average_precision,
+    recall_subset_at_k,
+)
 from cirlab.data.evalsets import recall_at_k as evalset_recall_at_k
 from cirlab.data.records import RetrievalSplit
 from cirlab.data.regions import EDIT_REGIONS_FILE
@@ -220,43 +228,59 @@ def _scored_chunks(model: CIRModel, evalset: EvalSet, device: torch.device, prog
 def evaluate_evalset(model: CIRModel, evalset: EvalSet, device: torch.device, ks: Sequence[int] | None = None,
                      progress: bool = True, query_chunk: int = 1024,
                      image_cache: dict[str, ImageBatches] | None = None) -> dict[str, float]:
-    """Recall@K of `model` on one evaluation set (plus CIRR's Recall_subset where queries have sets)."""
+    """Recall@K of `model` on one evaluation set, plus mAP@K where the set asks for it (`map_ks`, per aspect with
+    `aspect_k`) and CIRR's Recall_subset where queries have sets."""
     with_subsets = all(q.subset is not None for q in evalset.queries)
     totals: dict[str, float] = {}
+    precisions: list[dict[int, np.ndarray]] = []  # per query: a per-aspect mean is not a mean of chunk means
     for part, scores in _scored_chunks(model, evalset, device, progress, query_chunk, image_cache):
         metrics = evalset_recall_at_k(scores, part, ks)
-        if part.map_ks:
-            metrics.update(map_at_k(scores, part))
         if with_subsets:
             metrics.update(recall_subset_at_k(scores, part))
+        if part.map_ks:
+            precisions.append(average_precisions(scores, part))
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value * len(part.queries)
     result = {key: value / len(evalset.queries) for key, value in totals.items()}
+    if precisions:
+        result.update(mean_average_precision({k: np.concatenate([p[k] for p in precisions]) for k in precisions[0]},
+                                             evalset))
     if with_subsets and {"R@5", "Rsubset@1"} <= set(result):
         result["avg"] = cirr_average(result)
     return result
 
 
+class SubmissionFormat(NamedTuple):
+    """How a benchmark's test server wants a checkpoint's rankings."""
+
+    split: str  # the protocol.split written unless the overrides choose one: the split whose labels are withheld
+    write: Callable[..., tuple[Path, ...]]  # (scores, evalset, out_dir, name) -> the files written
+
+
+SUBMISSIONS: dict[str, SubmissionFormat] = {
+    "cirr": SubmissionFormat("test1", write_cirr_submissions),    # recall_ and recall_subset_submission_RUN.json
+    "circo": SubmissionFormat("test", write_circo_submission),    # circo_submission_RUN.json
+}
+
+
 def write_submission(folder: Path, out_dir: Path, overrides: list[str] | None = None,
-                     progress: bool = True) -> tuple[Path, Path]:
-    """The two CIRR test-server files for a checkpoint (split `protocol.split`, test1 by default)."""
-    checkpoint = load_checkpoint(folder, [*(overrides or []), *_default_split(overrides, "test1")])
+                     progress: bool = True) -> tuple[Path, ...]:
+    """The test-server files of a checkpoint's benchmark (`SUBMISSIONS`), for `protocol.split`, by default the
+    benchmark's test split; the benchmark may be another than the training one (`--set data.format=circo`)."""
+    checkpoint = load_checkpoint(folder, overrides)
     config = checkpoint.config
-    if config.data.format != "cirr":
-        raise ValueError(f"test-server submissions are written for CIRR only; this checkpoint's benchmark is "
-                         f"{config.data.format}")
+    if config.data.format not in SUBMISSIONS:
+        raise ValueError(f"test-server submissions are written for {', '.join(SUBMISSIONS)}; this checkpoint's "
+                         f"benchmark is {config.data.format}")
+    submission = SUBMISSIONS[config.data.format]
+    if not any(o.split("=", 1)[0].strip() == "protocol.split" for o in overrides or []):
+        config = dataclasses.replace(config, protocol=dataclasses.replace(config.protocol, split=submission.split))
     (evalset,) = load_benchmark(config).evalsets
     device = resolve_device(config.train.device)
     model = checkpoint.model.to(device)
     chunks = _scored_chunks(model, evalset, device, progress, query_chunk=1024)
     scores = torch.cat([scores for _, scores in chunks])
-    return write_cirr_submissions(scores, evalset, out_dir, name=Path(folder).resolve().parent.name or "cirlab")
-
-
-def _default_split(overrides: list[str] | None, split: str) -> list[str]:
-    """`protocol.split=<split>` unless the overrides already choose a split."""
-    chosen = any(o.split("=", 1)[0].strip() == "protocol.split" for o in overrides or [])
-    return [] if chosen else [f"protocol.split={split}"]
+    return submission.write(scores, evalset, out_dir, name=Path(folder).resolve().parent.name or "cirlab")
 
 
 def evaluate_benchmark(model: CIRModel, benchmark: Benchmark, device: torch.device, ks: Sequence[int] | None = None,

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from cirlab.acceleration import autocast_dtype, grad_scaler, prepare_model, to_channels_last
 from cirlab.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from cirlab.config import Config, ConfigError
-from cirlab.data.benchmarks import css_renders, load_benchmark
+from cirlab.data.benchmarks import css_renders, load_benchmark, refuse_training_on
 from cirlab.data.records import Query, RetrievalSplit
 from cirlab.devices import resolve_device
 from cirlab.distributed import DistContext
@@ -302,6 +302,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     torch.manual_seed(config.train.seed)
     learning_rate_factor(config, 0)  # refuses a contradictory schedule before any work
     refuse_cached_augmentation(config)
+    refuse_training_on(config)
     benchmark = load_benchmark(config)
     train_split = benchmark.train
     image_cache = image_cache if image_cache is not None else {}

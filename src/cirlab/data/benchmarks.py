@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from cirlab.config import Config, ConfigError, DataConfig
+from cirlab.data.circo import SPLITS as CIRCO_SPLITS
+from cirlab.data.circo import load_circo
 from cirlab.data.cirr import SPLITS as CIRR_SPLITS
 from cirlab.data.cirr import load_cirr
 from cirlab.data.css import CSSSplit, load_css
@@ -50,10 +52,14 @@ PROTOCOL_CHOICES: dict[str, tuple[str, ...]] = {
     "fashion200k": (),
     "mitstates": (),
     "folder": ("gallery", "reference"),
+    "circo": ("split", "reference", "caption_join"),
 }
 _OPTIONAL_CHOICES = ("split", "gallery", "reference", "caption_join")
 # The evaluation splits (protocol.split) of the formats that have several; `cirlab data check` counts each.
-EVAL_SPLITS: dict[str, tuple[str, ...]] = {"fashioniq": FASHIONIQ_SPLITS[1:], "cirr": CIRR_SPLITS[1:]}
+EVAL_SPLITS: dict[str, tuple[str, ...]] = {"fashioniq": FASHIONIQ_SPLITS[1:], "cirr": CIRR_SPLITS[1:],
+                                           "circo": CIRCO_SPLITS}
+# Benchmarks released for evaluation alone: a model trains on another and is evaluated with --set data.format=...
+EVALUATION_ONLY = ("circo",)
 
 
 MetricsByName = dict[str, dict[str, float]]
@@ -239,6 +245,21 @@ def _without_missing(loaded: list[tuple[TrainingSet, EvalSet]]
     return pairs, training_counts + eval_counts
 
 
+def _evaluation_only(load: Callable[..., EvalSet]) -> Callable[..., Benchmark]:
+    """A reader of (root, protocol choices) -> evaluation set, for a benchmark without a training split (CIRCO):
+    its training split is empty (a model trains on another benchmark), data.missing_images as for the others."""
+    def read(config: Config, root: Path, choices: dict[str, Any]) -> Benchmark:
+        evalset, kept = load(root, **choices), []
+        if config.data.missing_images == "error":
+            raise_missing_images([evalset.image_paths],
+                                 f"cirlab data check {config.data.root} --format {config.data.format}")
+        else:
+            evalset, count = evalset_without_missing(evalset)
+            kept = [count]
+        return Benchmark(RetrievalSplit("train", [], np.zeros(0, dtype=np.int64), []), [evalset], kept=kept)
+    return read
+
+
 _READERS: dict[str, Callable[[Config, Path, dict[str, Any]], Benchmark]] = {
     "css": _css,
     "fashioniq": _fashioniq,
@@ -247,7 +268,16 @@ _READERS: dict[str, Callable[[Config, Path, dict[str, Any]], Benchmark]] = {
     "fashion200k": _simple(load_fashion200k, seeded=True),
     "mitstates": _simple(load_mitstates, seeded=True),
     "folder": _folder,
+    "circo": _evaluation_only(load_circo),
 }
+
+
+def refuse_training_on(config: Config) -> None:
+    """A benchmark without a training split cannot be trained on; say what to do instead."""
+    if config.data.format in EVALUATION_ONLY:
+        raise ConfigError(f"{config.data.format} has no training split: train on another benchmark (CIRR is the "
+                          f"closest), then evaluate with cirlab eval RUN/best --set data.format={config.data.format} "
+                          f"--set data.root=...")
 
 
 def load_benchmark(config: Config) -> Benchmark:
