@@ -38,6 +38,13 @@ def _cmd_make_cirr(args: argparse.Namespace) -> None:
     print(f"wrote synthetic CIRR ({args.preset}, seed {args.seed}) to {out}")
 
 
+def _cmd_make_circo(args: argparse.Namespace) -> None:
+    from cirlab.data.circo_scenes import generate_circo
+
+    out = generate_circo(Path(args.out), preset=args.preset, seed=args.seed, image_size=args.image_size)
+    print(f"wrote synthetic CIRCO ({args.preset}, seed {args.seed}) to {out}")
+
+
 def _cmd_make_garments(args: argparse.Namespace) -> None:
     from cirlab.data.garments import generate_garments
 
@@ -249,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     make_cirr.add_argument("--seed", type=int, default=0, help="same seed, byte-identical output")
     make_cirr.add_argument("--image-size", type=int, default=64, help="pixels; the drawing scales with it")
     make_cirr.set_defaults(func=_cmd_make_cirr)
+    make_circo = data_commands.add_parser("make-circo", help="write a synthetic CIRCO (CSS scenes, CIRCO's annotations "
+                                          "and COCO-style image folder) whose gt_img_ids list every ground truth")
+    make_circo.add_argument("out", help="output folder")
+    make_circo.add_argument("--preset", choices=["demo", "full"], default="demo",
+                            help="demo: 30 val and 30 test queries in seconds; full: CIRCO's 220 val and 800 test "
+                                 "queries over about 8,000 images")
+    make_circo.add_argument("--seed", type=int, default=0, help="same seed, byte-identical output")
+    make_circo.add_argument("--image-size", type=int, default=64, help="pixels; the drawing scales with it")
+    make_circo.set_defaults(func=_cmd_make_circo)
     make_garments = data_commands.add_parser(
         "make-garments", help="write synthetic dresses, shirts and tops in the real FashionIQ and Fashion200k layouts")
     make_garments.add_argument("out", help="output folder")
