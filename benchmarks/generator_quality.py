@@ -4,11 +4,14 @@ For every dataset below the benchmark generates the data when it is missing (see
 each model over several seeds and evaluates its best checkpoint exactly as `cirlab eval` does (the
 benchmark's default protocol, stated under the table). A model NAME trains configs/<dataset>/NAME.yaml when
 that file exists, else configs/<dataset>/tirg.yaml with model.name=NAME, so baselines share TIRG's recipe.
+CIRCO has no training split: its models train on the cirr dataset (its recipes, the same scene drawing) and are
+evaluated with --set data.format=circo, as a user evaluates a CIRR checkpoint on the real CIRCO.
 
     dataset         generator                                   protocol
     garments        cirlab data make-garments (128 px)          FashionIQ val: R@10/R@50 per category, mean
     garments_f200k  the same folder, Fashion200k layout         Fashion200k: R@1/10/50, caption-equality hits
     cirr            cirlab data make-cirr                       CIRR val: R@K, Rsubset@K
+    circo           cirlab data make-circo; trained on cirr     CIRCO val: mAP@K over every ground truth, R@K
     css3d           cirlab data make-css --with-3d              CSS 3D-to-3D
     css2d3d         the same folder                             CSS 2D-to-3D (2D references, 3D gallery)
 
@@ -16,6 +19,7 @@ that file exists, else configs/<dataset>/tirg.yaml with model.name=NAME, so base
     python benchmarks/generator_quality.py --datasets garments --models tirg cmap cmap_no_scl
     python benchmarks/generator_quality.py --datasets garments --models combiner --set train.lr=5e-4
     python benchmarks/generator_quality.py --datasets cirr --preset demo --seeds 0 --iterations 50   # quick look
+    python benchmarks/generator_quality.py --datasets circo --iterations 1000
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from css_quality import summarise  # noqa: E402
 from machine import command_line, describe_machine, publish  # noqa: E402
 
 from cirlab.config import load_config  # noqa: E402
+from cirlab.data.circo_scenes import generate_circo  # noqa: E402
 from cirlab.data.cirr_scenes import generate_cirr  # noqa: E402
 from cirlab.data.css import generate_css  # noqa: E402
 from cirlab.data.garments import generate_garments  # noqa: E402
@@ -47,6 +52,8 @@ from cirlab.train import BEST, train  # noqa: E402
 class Dataset:
     folder: str  # under data/, with the preset appended
     generate: Callable[[Path, str], Path]  # (folder, preset) -> folder
+    trained_on: str | None = None  # an evaluation-only benchmark: the dataset whose data and recipes train
+    format: str | None = None      # its data.format, given to the evaluation
 
 
 GARMENTS = Dataset("garments", lambda out, preset: generate_garments(out, preset, seed=0, image_size=128))
@@ -55,6 +62,8 @@ DATASETS: dict[str, Dataset] = {
     "garments": GARMENTS,
     "garments_f200k": GARMENTS,
     "cirr": Dataset("cirr", lambda out, preset: generate_cirr(out, preset, seed=0)),
+    "circo": Dataset("circo", lambda out, preset: generate_circo(out, preset, seed=0), trained_on="cirr",
+                     format="circo"),
     "css3d": CSS_3D,
     "css2d3d": CSS_3D,
 }
@@ -99,6 +108,9 @@ def config_for(args: argparse.Namespace, dataset: str, model: str, root: Path, s
 def run_dataset(args: argparse.Namespace, dataset: str) -> tuple[str, dict[str, list[dict[str, float]]]]:
     """Train and evaluate every model on one dataset; returns its table and every run's metrics."""
     root = dataset_folder(args, dataset)
+    trained_on = DATASETS[dataset].trained_on
+    train_root = dataset_folder(args, trained_on) if trained_on else root
+    evaluated_on = [f"data.format={DATASETS[dataset].format}", f"data.root={root}"] if trained_on else None
     # Decoded images and a frozen backbone's maps, computed once and shared by the dataset's runs (training
     # and evaluation; a frozen backbone's test maps are stored in float16 as in training).
     cache: dict[str, ImageBatches] = {}
@@ -107,18 +119,19 @@ def run_dataset(args: argparse.Namespace, dataset: str) -> tuple[str, dict[str, 
     protocol = ""
     for seed in args.seeds:
         for model in args.models:
-            config = config_for(args, dataset, model, root, seed)
+            config = config_for(args, trained_on or dataset, model, train_root, seed)
             run = Path(args.out) / dataset / f"{model}-seed{seed}"
             started = time.perf_counter()
             train(config, run, image_cache=cache, overwrite=True)
             seconds[model].append(time.perf_counter() - started)
-            result = evaluate_checkpoint(run / BEST, image_cache=cache)
+            result = evaluate_checkpoint(run / BEST, evaluated_on, image_cache=cache)
             results[model].append(result["metrics"])
             protocol = result["protocol_text"]
             print(f"{dataset} seed {seed} {model}: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in result["metrics"].items()), flush=True)
     metrics = list(results[args.models[0]][0])
-    lines = [f"#### {dataset} ({root}), mean ± std over seeds {args.seeds}", "",
+    source = f", trained on {train_root}" if trained_on else ""
+    lines = [f"#### {dataset} ({root}{source}), mean ± std over seeds {args.seeds}", "",
              "| model | " + " | ".join(metrics) + " | train s/run |", "|---|" + "---:|" * (len(metrics) + 1)]
     for model in args.models:
         cells = [summarise([run[k] for run in results[model]]) for k in metrics]
