@@ -246,6 +246,17 @@ def test_some_queries_have_one_ground_truth_and_some_several(demo: Path) -> None
     assert counts["unplanned_ground_truths"] == 5
 
 
+def test_the_documented_demo_counts_are_the_generated_ones(demo: Path) -> None:
+    """docs/formats.md section 8.4 lists the demo preset's counts; they must be what seed 0 writes."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "formats.md").read_text()
+    row = text[text.index("## 8. Synthetic CIRCO"):].split("| `demo` |")[1].split("\n")[0]
+    counts = json.loads((demo / "generation.json").read_text())["counts"]
+    val = counts["val"]
+    assert [cell.strip() for cell in row.strip(" |").split("|")] == [
+        f"{val['queries']} / {counts['test']['queries']}", f"{counts['images']:,}",
+        f"{val['ground_truths']:,} ({val['max_ground_truths']})", f"{val['unplanned_ground_truths']:,}"]
+
+
 def test_semantic_aspects_follow_the_edit_kinds(demo: Path) -> None:
     expected = {"count": {"cardinality"}, "add": {"addition"}, "remove": {"negation"}, "color": {"compare_change"},
                 "shape": {"compare_change"}, "size": {"comparative_statement", "direct_addressing"},
