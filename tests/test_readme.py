@@ -124,6 +124,11 @@ def check_effect(args: list[str], printed: str, work: Path) -> None:
         assert (work / "runs/tirg/best/model.safetensors").is_file()
         steps = [int(arg.split("=")[1]) for arg in args if arg.startswith("train.iterations=")][-1]
         assert json.loads((work / "runs/tirg/last/trainer.json").read_text())["step"] == steps
+    elif command == "data make-circo":
+        assert (work / "data/circo/generation.json").is_file()
+    elif command == "eval runs/tirg/best" and "data.format=circo" in args:
+        result = json.loads((work / "runs/tirg/eval-circo-val.json").read_text())
+        assert result["queries"] == 30 and {"mAP@10", "R@5"} <= set(result["metrics"])
     elif command == "eval runs/tirg/best" and "--explain" not in args:
         metrics = json.loads((work / "runs/tirg/eval-test.json").read_text())
         assert "protocol" in json.dumps(metrics) and (work / "runs/tirg/eval-test.md").is_file()
