@@ -162,7 +162,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
     _require_text(args.text)
     checkpoint = Path(args.checkpoint) if args.checkpoint else recorded_checkpoint(Path(args.index))
     model = load_checkpoint(checkpoint).model
-    with open_index(Path(args.index), model_id=model_identity(checkpoint)) as index:
+    opened = open_index(Path(args.index), model_id=model_identity(checkpoint), consistency=args.milvus_consistency)
+    with opened as index:
         reference = args.id if args.id is not None else load_image(Path(args.image))
         results = search_index(index, model, reference, args.text, k=args.k)
         gallery = index.gallery_root
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--text", required=True, help='the modification, e.g. "make top-left object red"')
     search.add_argument("-k", type=int, default=10, help="number of results")
     search.add_argument("--json", action="store_true", help="print JSON (ids, paths, scores) instead of a table")
+    search.add_argument("--milvus-consistency", metavar="LEVEL",
+                        help="a Milvus index's search consistency: Strong (default: sees every acknowledged write), "
+                             "Bounded (may miss the last seconds' writes), Session or Eventually")
     search.add_argument("--explain", metavar="OUT.png", help="also write an MMGrad heat-map over the reference: "
                                                              "where the model looked for the top result")
     search.set_defaults(func=_cmd_search)

@@ -135,12 +135,19 @@ def recorded_backend(folder: Path) -> str | None:
         connection.close()
 
 
-def open_index(folder: Path, model_id: str | None = None) -> Index:
-    """Open the index in `folder` with the backend that built it; with `model_id`, refuse another model's."""
+def open_index(folder: Path, model_id: str | None = None, consistency: str | None = None) -> Index:
+    """Open the index in `folder` with the backend that built it; with `model_id`, refuse another model's.
+    `consistency` is the Milvus search level (`milvus_index.CONSISTENCY_LEVELS`, default Strong); a FAISS
+    index, read from its committed files, has no such choice and refuses one."""
     backend = recorded_backend(folder)
     if backend is None:
         raise IndexFormatError(f"{folder}: no cirlab index here (missing or incomplete {DB_FILE})")
-    return _backend_class(backend).open(Path(folder), model_id=model_id)
+    if consistency is None:
+        return _backend_class(backend).open(Path(folder), model_id=model_id)
+    if backend != "milvus":
+        raise ValueError(f"{folder}: a consistency level is a setting of Milvus indexes; this {backend} index "
+                         "always searches its last committed state")
+    return _backend_class(backend).open(Path(folder), model_id=model_id, consistency=consistency)
 
 
 def _index_settings(backend: str | None, factory: str | None, milvus_uri: str | None,

@@ -6,9 +6,16 @@ folder. An access token is never written anywhere: it is read from $CIRLAB_MILVU
 
 Collection: an INT64 primary key `id` (SQLite maps it to the image id; ints keep the collection small
 and let a search filter by id range) and a FLOAT_VECTOR `vector`, under an exact FLAT index with the
-inner-product metric, so rankings and scores equal FAISS `Flat`. Strong consistency: every search sees
-every write acknowledged before it. The collection's description records the model id, so a
-collection filled by another model is refused.
+inner-product metric, so rankings and scores equal FAISS `Flat`. The collection's description records the
+model id, so a collection filled by another model is refused.
+
+Consistency (`consistency`, chosen when the index is opened for searching; see CONSISTENCY_LEVELS): Strong,
+the default, makes every search wait until the server has applied every write acknowledged before it, which
+costs each search a round of synchronisation with the server (benchmarks/search_speed.py measures it).
+Bounded, Session and Eventually search what the server has applied so far: an image added or removed moments
+ago may be missing or still found. A stale hit of a removed image is dropped (so a search may return fewer
+than k hits within that window); under Strong such a hit cannot occur, so it is an error that names the other
+writer.
 
 Commit point: the SQLite transaction, as for FAISS. `add` writes rows to Milvus at once (the writer's
 own searches see them), but only committed ids are searchable by others:
@@ -45,6 +52,18 @@ _ROWS_PER_REQUEST = 1000  # rows per upsert and queries per search: far below Mi
 _IDS_PER_DELETE = 10000
 _COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 _MARKER = "cirlab_model_id"  # key of the collection description's JSON
+# Milvus's levels: what a search may miss, in the words of the Milvus documentation's definitions.
+CONSISTENCY_LEVELS = {
+    "Strong": "sees every write acknowledged before the search (the default; the slowest)",
+    "Bounded": "may miss writes of the last few seconds (the server's graceful time, 5 s by default)",
+    "Session": "sees this client's own writes; may miss other clients' recent ones",
+    "Eventually": "may miss any recent write; the fastest",
+}
+
+
+def check_consistency(level: str) -> None:
+    if level not in CONSISTENCY_LEVELS:
+        raise ValueError(f"unknown Milvus consistency level {level!r} (known: {', '.join(CONSISTENCY_LEVELS)})")
 
 
 def default_collection(folder: Path) -> str:
@@ -96,8 +115,10 @@ class MilvusIndex(StoredIds):
     """Inner-product retrieval over image ids with vectors in Milvus; see the module docstring."""
 
     def __init__(self, folder: Path, client: MilvusClient, connection: sqlite3.Connection,
-                 meta: dict[str, str], rows: list[tuple[int, str]], tombstones: set[int]) -> None:
+                 meta: dict[str, str], rows: list[tuple[int, str]], tombstones: set[int],
+                 consistency: str = "Strong") -> None:
         self.folder = folder
+        self.consistency = consistency
         self._client = client
         self._db = connection
         self._meta = meta
@@ -165,8 +186,10 @@ class MilvusIndex(StoredIds):
         return cls(folder, client, connection, meta, [], set())
 
     @classmethod
-    def open(cls, folder: Path, model_id: str | None = None) -> MilvusIndex:
-        """Open the last committed state; with `model_id`, refuse an index built by another model."""
+    def open(cls, folder: Path, model_id: str | None = None, consistency: str = "Strong") -> MilvusIndex:
+        """Open the last committed state; with `model_id`, refuse an index built by another model. Searches
+        run at `consistency` (CONSISTENCY_LEVELS; see the module docstring)."""
+        check_consistency(consistency)
         folder = Path(folder)
         if not (folder / DB_FILE).is_file():
             raise IndexFormatError(f"{folder}: no cirlab index here (missing {DB_FILE})")
@@ -185,7 +208,7 @@ class MilvusIndex(StoredIds):
             if model_id is not None and meta["model_id"] != model_id:
                 raise IndexMismatchError(f"{folder}: index was built with model {meta['model_id']}, "
                                          f"but model {model_id} was given; rebuild the index for this model")
-            index = cls(folder, _client(meta["uri"]), connection, meta, rows, tombstones)
+            index = cls(folder, _client(meta["uri"]), connection, meta, rows, tombstones, consistency)
         except BaseException:
             connection.close()
             raise
@@ -310,9 +333,12 @@ class MilvusIndex(StoredIds):
     def _search_rows(self, matrix: np.ndarray, k: int, scores: np.ndarray) -> list[list[str]]:
         """Search one request's queries, writing their scores into the first rows of `scores`."""
         results = self._client.search(self._meta["collection"], data=matrix, limit=k, filter=self._visible(),
-                                      anns_field="vector", search_params={"metric_type": "IP"})
+                                      anns_field="vector", search_params={"metric_type": "IP"},
+                                      consistency_level=self.consistency)
         names: list[list[str]] = []
         for row, hits in enumerate(results):
+            if self.consistency != "Strong":  # a removal the server has not applied yet: no longer an image
+                hits = [hit for hit in hits if hit["id"] in self._by_int or hit["id"] >= int(self._meta["next_id"])]
             stray = [hit["id"] for hit in hits if hit["id"] not in self._by_int]
             if stray:
                 raise IndexFormatError(f"{self._where}: holds ids {stray[:5]} that the index at {self.folder} "
@@ -325,7 +351,7 @@ class MilvusIndex(StoredIds):
         return {
             "backend": "milvus", "folder": str(self.folder), "model_id": self.model_id, "dim": int(self._meta["dim"]),
             "uri": self._meta["uri"], "collection": self._meta["collection"], "factory": "FLAT", "metric": "IP",
-            "consistency": "Strong", "count": len(self), "tombstones": len(self._tombstones),
+            "consistency": self.consistency, "count": len(self), "tombstones": len(self._tombstones),
             "gallery_root": self._meta["gallery_root"] or None, "uncommitted_changes": self._dirty,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
         }
