@@ -111,3 +111,29 @@ def test_serve_load(monkeypatch, tiny_index, tmp_path):
     assert [(cells["query"], cells["clients"]) for cells in table] == [
         ("gallery id", "1"), ("gallery id", "2"), ("uploaded image", "1"), ("uploaded image", "2")]
     assert all(cells["errors"] == "0" for cells in table)
+
+
+def test_two_stage_exact_rows_have_full_recall(monkeypatch, tmp_path, one_torch_thread):
+    from cirlab.checkpoint import save_checkpoint
+    from cirlab.config import load_config
+    from cirlab.encoders.text import Vocabulary
+    from cirlab.models.registry import create_model
+
+    data = generate_garments(tmp_path / "garments", image_size=64, progress=False, families=1)
+    config = load_config(ROOT / "configs/garments/cmap.yaml", [f"data.root={data}", "data.image_size=64",
+                                                               "model.image_weights=null", "model.embed_dim=8"])
+    save_checkpoint(tmp_path / "cmap", create_model(config.model, Vocabulary.build(["a longer dress"])), config,
+                    Vocabulary.build(["a longer dress"]))
+    record = run_benchmark(monkeypatch, "two_stage", "--checkpoints", str(tmp_path / "cmap"), "--factories", "Flat",
+                           "HNSW8", "--shortlists", "3", "--scale-checkpoint", str(tmp_path / "cmap"), "--sizes",
+                           "1000", "--scale-shortlists", "5", "--scale-queries", "3", "--recall-queries", "2",
+                           "--work", str(tmp_path / "out"))
+    quality = [row.cells for row in parse_tables(record["markdown"]) if "evaluation set" in row.cells]
+    exhaustive = [cells for cells in quality if cells["shortlist"].startswith("all")]
+    assert {cells["evaluation set"] for cells in exhaustive} == {f"fashioniq-{c} val" for c in ("dress", "shirt",
+                                                                                                "toptee")}
+    assert len(exhaustive) == 6 and all(cells["recall@10"] == "1.000" for cells in exhaustive)
+    assert all(0 <= float(cells["recall@10"]) <= 1 for cells in quality)
+    (scale,) = [row.cells for row in parse_tables(record["markdown"]) if "images" in row.cells]
+    assert scale["images"] == "1,000" and scale["first stage"] == "IVF32,Flat, nprobe 16"
+    assert scale["rows read per query MiB"] == f"{5 * 3 * 8 * 4 / 2**20:.2f}"

@@ -15,8 +15,9 @@ from cirlab.data.errors import DataFormatError
 from cirlab.encoders.text import Vocabulary
 from cirlab.images import image_tensor, load_image
 from cirlab.index.base import Index, IndexFormatError, IndexMismatchError, UnknownImageError
-from cirlab.index.build import build_index, embed_batch, model_identity, search_index
+from cirlab.index.build import build_index, embed_batch, model_identity
 from cirlab.index.faiss_index import FaissIndex
+from cirlab.index.search import search_index
 from cirlab.index.store import DB_FILE
 from cirlab.models.registry import create_model
 
@@ -92,7 +93,9 @@ def test_round_trip_matches_brute_force_ranking(checkpoint, model, gallery, tmp_
         # Stored vectors are the unit-length target embeddings of each image, however it was batched.
         for group in (ids[:10], ids[10:]):
             pixels = torch.stack([image_tensor(load_image(gallery / name)) for name in group])
-            np.testing.assert_allclose(index.reconstruct(group), embed_batch(model, pixels), atol=1e-5)
+            vectors_of_group, features = embed_batch(model, pixels)
+            np.testing.assert_allclose(index.reconstruct(group), vectors_of_group, atol=1e-5)
+            assert features is None  # a cosine model's index keeps no target features beside its vectors
         assert index.info()["count"] == 12 and index.info()["dim"] == 16
 
         with torch.no_grad():

@@ -26,7 +26,8 @@ from cirlab.encoders.regions import (
 from cirlab.encoders.text import Vocabulary
 from cirlab.image_batches import PixelImages
 from cirlab.images import load_image
-from cirlab.index.build import build_index, list_images, search_index
+from cirlab.index.build import build_index, list_images
+from cirlab.index.search import search_index
 from cirlab.models.lbf import LBF
 from cirlab.models.registry import create_model
 from cirlab.train import METRICS, train

@@ -13,14 +13,16 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from pymilvus import DataType, MilvusClient
+from test_cmap_index import indexed  # noqa: F401  (a tiny CMAP checkpoint and its FAISS index)
 from test_index import _count_embedded, _save_tiny_checkpoint, _unit, _write_images
 
 from cirlab.checkpoint import load_checkpoint
 from cirlab.cli import main
 from cirlab.index.base import Index, IndexFormatError, IndexMismatchError, IndexStoreError
-from cirlab.index.build import build_index, open_index, search_index
+from cirlab.index.build import build_index, open_index
 from cirlab.index.faiss_index import FaissIndex
 from cirlab.index.milvus_index import MilvusIndex, default_collection
+from cirlab.index.search import search_index
 from cirlab.index.store import DB_FILE
 from cirlab.serve.app import create_app
 
@@ -306,3 +308,16 @@ def test_cli_resumes_a_crashed_build_then_adds_searches_and_removes(milvus_uri, 
     with pytest.raises(IndexMismatchError, match="index has backend milvus, index type FLAT; asked for backend "
                                                  "faiss, index type HNSW8"):
         build_index(checkpoint, gallery, out, factory="HNSW8", progress=False)
+
+
+def test_milvus_shortlists_a_two_stage_search_as_faiss_does(milvus_uri, indexed, tmp_path):  # noqa: F811
+    checkpoint, flat_folder, gallery = indexed
+    model = load_checkpoint(checkpoint).model.eval()
+    with build_index(checkpoint, gallery, tmp_path / "index", backend="milvus", milvus_uri=milvus_uri,
+                     progress=False) as milvus, FaissIndex.open(flat_folder) as flat:
+        assert milvus.feature_dim == flat.feature_dim == 24
+        for shortlist in (5, 12):
+            from_milvus = search_index(milvus, model, "g02.png", "make it red", k=4, shortlist=shortlist)
+            from_faiss = search_index(flat, model, "g02.png", "make it red", k=4, shortlist=shortlist)
+            assert [name for name, _ in from_milvus] == [name for name, _ in from_faiss]
+            np.testing.assert_allclose([s for _, s in from_milvus], [s for _, s in from_faiss], atol=1e-5)

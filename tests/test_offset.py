@@ -18,7 +18,8 @@ from cirlab.encoders.image import ImageEncoder, create_backbone
 from cirlab.encoders.text import LSTMTextEncoder, Vocabulary
 from cirlab.evaluate import evaluate_checkpoint
 from cirlab.image_batches import PixelImages
-from cirlab.index.build import build_index, search_index
+from cirlab.index.build import build_index
+from cirlab.index.search import search_index
 from cirlab.masks.batches import MaskedBatch, attach_masks
 from cirlab.models.offset import (
     OFFSET,
@@ -266,6 +267,8 @@ def test_an_index_ranks_by_the_exact_score(trained, tmp_path, one_torch_thread):
     model = load_checkpoint(run / "best").model.eval()
     with build_index(run / "best", gallery, tmp_path / "index", progress=False) as index:
         hits = search_index(index, model, names[0], TEXTS[0], k=6, exclude_reference=False)
+        # one unit vector per image, whose cosine is the score itself: no features kept for a second stage
+        assert (index.dim, index.feature_dim) == (model.embed_dim, 0)
     pixels = PixelImages([gallery / name for name in names], progress=False)
     with torch.no_grad():   # bare photos: their saliency masks are computed from the pixels
         query = model.encode_queries(pixels.batch([0]), TEXTS[:1])

@@ -10,8 +10,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cirlab.checkpoint import load_checkpoint
-from cirlab.index.build import build_index, list_images, model_identity, search_index
+from cirlab.index.build import build_index, list_images, model_identity
 from cirlab.index.faiss_index import FaissIndex
+from cirlab.index.search import search_index
 from cirlab.serve.app import MAX_GALLERY_PAGE, PAGE_POLICY, STATIC, create_app, thumbnail_png
 
 REFERENCE, TARGET, TEXT = "css_test_000001.png", "css_test_000002.png", "remove object"

@@ -18,6 +18,16 @@ if TYPE_CHECKING:  # imported lazily at run time: `cirlab --help` must not load 
 EPILOG = "Settings: --set section.key=value (repeatable), e.g. --set train.iterations=2000 --set model.name=concat"
 
 
+def _add_search_settings(parser: argparse.ArgumentParser) -> None:
+    """The index search settings `search` and `serve` share."""
+    parser.add_argument("--shortlist", metavar="N", type=int, default=None,
+                        help="for a model ranked in two stages (CMAP): images the index shortlists for exact "
+                             "scoring (default: 200; at least the index's size: every image scored exactly)")
+    parser.add_argument("--milvus-consistency", metavar="LEVEL",
+                        help="a Milvus index's search consistency: Strong (default: sees every acknowledged write), "
+                             "Bounded (may miss the last seconds' writes), Session or Eventually")
+
+
 def _require_text(text: str) -> None:
     if not text.strip():
         raise ValueError("the modification text is empty")
@@ -157,7 +167,8 @@ def _cmd_index_info(args: argparse.Namespace) -> None:
 def _cmd_search(args: argparse.Namespace) -> None:
     from cirlab.checkpoint import load_checkpoint
     from cirlab.images import load_image
-    from cirlab.index.build import model_identity, open_index, recorded_checkpoint, search_index
+    from cirlab.index.build import model_identity, open_index, recorded_checkpoint
+    from cirlab.index.search import DEFAULT_SHORTLIST, search_index
 
     _require_text(args.text)
     checkpoint = Path(args.checkpoint) if args.checkpoint else recorded_checkpoint(Path(args.index))
@@ -165,7 +176,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
     opened = open_index(Path(args.index), model_id=model_identity(checkpoint), consistency=args.milvus_consistency)
     with opened as index:
         reference = args.id if args.id is not None else load_image(Path(args.image))
-        results = search_index(index, model, reference, args.text, k=args.k)
+        results = search_index(index, model, reference, args.text, k=args.k,
+                               shortlist=args.shortlist or DEFAULT_SHORTLIST)
         gallery = index.gallery_root
     if args.json:
         print(json.dumps([{"id": name, "path": str(gallery / name) if gallery else None, "score": score}
@@ -365,9 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--text", required=True, help='the modification, e.g. "make top-left object red"')
     search.add_argument("-k", type=int, default=10, help="number of results")
     search.add_argument("--json", action="store_true", help="print JSON (ids, paths, scores) instead of a table")
-    search.add_argument("--milvus-consistency", metavar="LEVEL",
-                        help="a Milvus index's search consistency: Strong (default: sees every acknowledged write), "
-                             "Bounded (may miss the last seconds' writes), Session or Eventually")
+    _add_search_settings(search)
     search.add_argument("--explain", metavar="OUT.png", help="also write an MMGrad heat-map over the reference: "
                                                              "where the model looked for the top result")
     search.set_defaults(func=_cmd_search)

@@ -1,7 +1,9 @@
 """The Index protocol every retrieval backend honours, and the errors they raise.
 
 An index maps string image ids (paths relative to the gallery root) to the vectors
-`model.encode_targets` produced for them and ranks them by inner product with query vectors.
+`model.encode_targets` produced for them and ranks them by inner product with query vectors. For a model
+with its own per-pair score the vectors are the model's shortlist projection, and the index also keeps the
+full target features for the exact stage (`cirlab.index.search`).
 """
 
 from __future__ import annotations
@@ -63,8 +65,20 @@ class Index(Protocol):
     def checkpoint(self) -> Path | None:
         """The checkpoint folder the index was built with, where one was recorded."""
 
-    def add(self, ids: list[str], vectors: np.ndarray) -> None:
-        """Store one N x D float vector per id; ids must be new."""
+    @property
+    def dim(self) -> int:
+        """Dimension of the stored vectors (and of the query vectors a search takes)."""
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the full target features kept for exact rescoring; 0 where the index keeps none."""
+
+    def add(self, ids: list[str], vectors: np.ndarray, features: np.ndarray | None = None) -> None:
+        """Store one N x D float vector per id, and for an index with a `feature_dim` its N x feature_dim
+        target features; ids must be new."""
+
+    def features_of(self, ids: list[str]) -> np.ndarray:
+        """The kept target features of `ids` (N x feature_dim)."""
 
     def remove(self, ids: list[str]) -> None:
         """Forget the given ids; they are never returned by `search` afterwards."""

@@ -1,4 +1,4 @@
-"""Index a folder of images with a checkpoint's target encoder, and search the index with a query.
+"""Index a folder of images with a checkpoint's target encoder (searching it is `cirlab.index.search`).
 
 Building is resumable and incremental: image ids already committed are skipped, so rerunning after
 a crash, or after new images were added to the folder, embeds only what is missing. Work is
@@ -6,10 +6,9 @@ committed every `commit_every` images, which bounds what a crash can lose. Under
 process embeds its share of each chunk and rank 0 alone writes the index, committing chunk by chunk
 exactly as one process does.
 
-Ranking: a model that scores by cosine stores unit vectors and is ranked by the backend's inner-product
-search. A model with its own per-pair `score` (CMAP) stores its target features as they are, flattened,
-in a FAISS Flat index, and a search scores every stored image with `model.score`, in batches: exact, the
-ranking evaluation uses, at brute-force cost.
+Storage: each image's `model.index_vectors`, for the backend's inner-product search (the unit target
+vector of a cosine model). A model whose score no pair of vectors gives exactly (CMAP) also has its full
+target features kept beside them (`cirlab.index.features`), for the exact stage of a two-stage search.
 """
 
 from __future__ import annotations
@@ -22,15 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from cirlab.checkpoint import CONFIG_FILE, MODEL_FILE, CheckpointError, load_checkpoint
 from cirlab.devices import to_device
 from cirlab.distributed import DistContext
 from cirlab.images import image_tensor, load_image
-from cirlab.index.base import Index, IndexFormatError, IndexMismatchError, IndexStoreError, UnknownImageError
+from cirlab.index.base import Index, IndexFormatError, IndexMismatchError, IndexStoreError
 from cirlab.index.store import DB_FILE, connect, read_meta
 from cirlab.models.base import CIRModel
 
@@ -64,30 +61,24 @@ def list_images(image_dir: Path) -> list[str]:
                   if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
 
 
-def ranks_by_own_score(model: CIRModel) -> bool:
-    """Whether `model` overrides `score` (per-pair scores, not a cosine of two vectors): its index is then
-    ranked by that score over the stored target features, not by a vector search."""
-    return type(model).score is not CIRModel.score
-
-
-def embed_batch(model: CIRModel, pixels: torch.Tensor) -> np.ndarray:
-    """What the index stores for equal-size images: unit-length target vectors, so inner product = the
-    model's cosine score, or for a model with its own `score` its target features as they are, flattened."""
+def embed_batch(model: CIRModel, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """What the index stores for equal-size images: their `index_vectors`, and for a model that needs an
+    exact stage (`vectors_score_exactly` False) their target features, flattened (None otherwise)."""
     with torch.no_grad():
         features = model.encode_targets(pixels).float()
-    if ranks_by_own_score(model):
-        return features.reshape(len(features), -1).cpu().numpy()
-    if features.dim() != 2:
-        raise ValueError(f"encode_targets returned shape {tuple(features.shape)}; a FAISS index needs one "
-                         "vector per image")
-    return F.normalize(features, dim=-1).cpu().numpy()
+        vectors = model.index_vectors(features).float().cpu().numpy()
+    if model.vectors_score_exactly:
+        return vectors, None
+    return vectors, features.reshape(len(features), -1).cpu().numpy()
 
 
 def _embed_files(model: CIRModel, paths: Sequence[Path], batch_size: int, device: torch.device,
-                 bar: tqdm) -> np.ndarray:
+                 bar: tqdm) -> tuple[np.ndarray, np.ndarray]:
+    """The images' vectors and target features (`embed_batch`), in order; features are N x 0 where none
+    are kept."""
     if not paths:  # a rank left without work by a chunk smaller than the number of processes
-        return np.empty((0, 0), dtype=np.float32)
-    vectors: dict[int, np.ndarray] = {}
+        return np.empty((0, 0), dtype=np.float32), np.empty((0, 0), dtype=np.float32)
+    embedded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for start in range(0, len(paths), batch_size):
         tensors = [image_tensor(load_image(path), model.preprocessing) for path in paths[start:start + batch_size]]
         by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
@@ -96,20 +87,13 @@ def _embed_files(model: CIRModel, paths: Sequence[Path], batch_size: int, device
         # Only equal sizes stack into one batch; nothing is resized, so each image is seen as given.
         for members in by_size.values():
             batch = to_device(torch.stack([tensors[member - start] for member in members]), device)
-            vectors.update(zip(members, embed_batch(model, batch), strict=True))
+            vectors, features = embed_batch(model, batch)
+            if features is None:
+                features = np.empty((len(members), 0), dtype=np.float32)
+            embedded.update(zip(members, zip(vectors, features, strict=True), strict=True))
         bar.update(len(tensors))
-    return np.stack([vectors[position] for position in range(len(paths))])
-
-
-def _target_model(checkpoint_folder: Path, device: torch.device, settings: dict[str, str]) -> CIRModel:
-    model = load_checkpoint(checkpoint_folder).model.to(device).eval()
-    backend, factory = settings.get("backend", "faiss"), settings.get("factory", "Flat")
-    if ranks_by_own_score(model) and (backend, factory) != ("faiss", "Flat"):
-        asked = f"faiss {factory}" if backend == "faiss" else backend
-        raise ValueError(f"{checkpoint_folder}: {type(model).__name__} ranks by its own per-pair `score`, which "
-                         "cirlab computes over the exact target features of a FAISS Flat index; use the faiss "
-                         f"backend with the Flat factory, not {asked}")
-    return model
+    rows = [embedded[position] for position in range(len(paths))]
+    return np.stack([vector for vector, _ in rows]), np.stack([features for _, features in rows])
 
 
 def _backend_class(backend: str) -> type[Index]:
@@ -209,23 +193,23 @@ def build_index(checkpoint_folder: Path, image_dir: Path, out_folder: Path, batc
         missing = ctx.broadcast_strings(missing)
         if missing:
             device = torch.device(device)
-            model = _target_model(Path(checkpoint_folder), device, settings)
+            model = load_checkpoint(Path(checkpoint_folder)).model.to(device).eval()
             with tqdm(total=len(missing), desc="indexing images", unit="img",
                       disable=not (progress and ctx.is_main)) as bar:
                 for start in range(0, len(missing), commit_every):
                     chunk = missing[start:start + commit_every]
                     share = ctx.share(len(chunk))
                     own = [image_dir / name for name in chunk[share.start:share.stop]]
-                    vectors = ctx.gather_rows(_embed_files(model, own, batch_size, device, bar))
+                    vectors, features = map(ctx.gather_rows, _embed_files(model, own, batch_size, device, bar))
                     bar.update(len(chunk) - len(own))  # the other ranks' images
                     if not ctx.is_main:
                         continue
-                    if index is None:  # created only now, when the vector dimension is known
+                    if index is None:  # created only now, when the dimensions are known
                         options = {key: value for key, value in settings.items() if key != "backend"}
                         index = _backend_class(settings.get("backend", "faiss")).create(
                             out_folder, vectors.shape[1], model_id, gallery_root=image_dir,
-                            checkpoint=Path(checkpoint_folder), **options)
-                    index.add(chunk, vectors)
+                            checkpoint=Path(checkpoint_folder), feature_dim=features.shape[1], **options)
+                    index.add(chunk, vectors, features if features.shape[1] else None)
                     index.commit()
     except BaseException:
         if index is not None:
@@ -240,57 +224,3 @@ def recorded_checkpoint(index_folder: Path) -> Path:
         if index.checkpoint is None:
             raise ValueError(f"{index_folder}: the index records no checkpoint; pass --checkpoint")
         return index.checkpoint
-
-
-def _gallery_image(index: Index, image_id: str) -> Image.Image:
-    if image_id not in index:
-        raise UnknownImageError(f"reference {image_id!r} is not an image of the index at {index.folder}")
-    if index.gallery_root is None:
-        raise ValueError(f"{index.folder}: index records no gallery folder to load {image_id!r} from")
-    return load_image(index.gallery_root / image_id)
-
-
-def exact_scores(model: CIRModel, query: torch.Tensor, features: np.ndarray, batch_size: int = 8192) -> np.ndarray:
-    """`model.score` of one query state against every row of `features` (stored target features), computed
-    in batches of targets so that memory stays bounded on a large gallery."""
-    with torch.no_grad():
-        return torch.cat([model.score(query, torch.from_numpy(features[start:start + batch_size]).to(query.device))[0]
-                          for start in range(0, len(features), batch_size)]).cpu().numpy()
-
-
-def _exact_search(index: Index, model: CIRModel, query: torch.Tensor, k: int,
-                  skipped: str | None) -> list[tuple[str, float]]:
-    if not hasattr(index, "stored_vectors"):
-        raise IndexStoreError(f"{index.folder}: {type(model).__name__} ranks by its own `score` over stored "
-                              "target features, which only a FAISS index hands back")
-    ids, features = index.stored_vectors()
-    if not ids:
-        return []
-    scores = exact_scores(model, query, features)
-    order = np.argsort(-scores, kind="stable")[:k + (skipped is not None)]  # ties keep insertion order
-    return [(ids[i], float(scores[i])) for i in order if ids[i] != skipped][:k]
-
-
-def search_index(index: Index, model: CIRModel, reference_image: Image.Image | str, text: str,
-                 k: int = 10, exclude_reference: bool = True) -> list[tuple[str, float]]:
-    """The k best (image id, score) for a reference (an image, or a gallery id) modified by `text`: the
-    cosine from the index's vector search, or for a model with its own `score` that exact score.
-
-    A gallery reference is left out of its own results unless `exclude_reference` is False.
-    """
-    reference_id = reference_image if isinstance(reference_image, str) else None
-    image = _gallery_image(index, reference_id) if reference_id is not None else reference_image
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            query = model.encode_queries(image_tensor(image, model.preprocessing).unsqueeze(0).to(device), [text])
-    finally:
-        model.train(was_training)
-    skipped = reference_id if exclude_reference else None
-    if ranks_by_own_score(model):
-        return _exact_search(index, model, query.float(), k, skipped)
-    vector = F.normalize(query.float(), dim=-1).cpu().numpy()
-    scores, ids = index.search(vector, k + (skipped is not None))
-    return [(name, float(score)) for name, score in zip(ids[0], scores[0], strict=False) if name != skipped][:k]

@@ -3,12 +3,15 @@
 Folder layout:
     index.sqlite (+ -wal, -shm)   id map (int64 <-> image id), HNSW tombstones, metadata
     vectors-<generation>.faiss    the FAISS index of the committed generation named in the metadata
+    features.f32                  full target features, for an index created with a feature_dim
+                                  (append-only; see cirlab.index.features)
 
 Crash safety: `commit()` first writes a *new* FAISS file (temp name, fsync, rename, fsync the
-folder), then commits one SQLite transaction that records the id-map changes together with that
-file's name. The SQLite commit is the single commit point: before it, the old metadata still names
-the old FAISS file, which is untouched; after it, both name the new state. FAISS files of other
-generations (a crashed commit's, or the one just superseded) are deleted by the next commit.
+folder) and syncs the target features, if kept, then commits one SQLite transaction that records the
+id-map changes together with that file's name. The SQLite commit is the single commit point: before it,
+the old metadata still names the old FAISS file, which is untouched; after it, both name the new state.
+FAISS files of other generations (a crashed commit's, or the one just superseded) are deleted by the next
+commit.
 Changes not committed are lost on a crash or `close()`, by design.
 
 Removal: FAISS `remove_ids` where the index type supports it. HNSW graphs cannot remove, so their
@@ -29,6 +32,7 @@ import faiss
 import numpy as np
 
 from cirlab.index.base import IndexFormatError, IndexMismatchError, UnknownImageError, as_matrix
+from cirlab.index.features import FEATURES_FILE
 from cirlab.index.store import DB_FILE, FORMAT_VERSION, SCHEMA, StoredIds, connect, read_meta
 
 _OPEN_ATTEMPTS = 5  # a reader can lose a race with a writer deleting the generation it just read
@@ -80,7 +84,7 @@ class FaissIndex(StoredIds):
         self._by_int: dict[int, str] = {int_id: name for int_id, name in rows}
         self._tombstones: set[int] = {row[0] for row in connection.execute("SELECT int_id FROM tombstones")}
         self._dirty = False
-        self._stored: tuple[list[str], np.ndarray] | None = None  # see `stored_vectors`
+        self._open_features()
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -98,13 +102,15 @@ class FaissIndex(StoredIds):
 
     @classmethod
     def create(cls, folder: Path, dim: int, model_id: str, factory: str = "Flat",
-               gallery_root: Path | None = None, checkpoint: Path | None = None) -> FaissIndex:
+               gallery_root: Path | None = None, checkpoint: Path | None = None, feature_dim: int = 0) -> FaissIndex:
+        """A new, empty index of `dim`-dimensional vectors; with `feature_dim`, one that also keeps each image's
+        target features of that width (`cirlab.index.features`)."""
         folder = Path(folder)
         if cls.exists(folder):
             raise FileExistsError(f"{folder}: already holds an index; open it instead")
         index = _build_faiss(dim, factory)
         folder.mkdir(parents=True, exist_ok=True)
-        for leftover in (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm"):  # from a crash inside create
+        for leftover in (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm", FEATURES_FILE):  # a crash inside create
             (folder / leftover).unlink(missing_ok=True)
         connection = connect(folder / DB_FILE)
         connection.executescript(SCHEMA)
@@ -112,7 +118,7 @@ class FaissIndex(StoredIds):
             "format_version": str(FORMAT_VERSION), "backend": "faiss", "model_id": model_id, "dim": str(dim),
             "factory": factory, "gallery_root": "" if gallery_root is None else str(Path(gallery_root).resolve()),
             "checkpoint": "" if checkpoint is None else str(Path(checkpoint).resolve()),
-            "generation": "-1", "count": "0", "next_id": "0",
+            "generation": "-1", "count": "0", "next_id": "0", "feature_dim": str(feature_dim),
         }
         created = cls(folder, index, connection, meta)
         created._dirty = True
@@ -169,8 +175,8 @@ class FaissIndex(StoredIds):
         if not self._db.in_transaction:
             self._db.execute("BEGIN IMMEDIATE")  # take the write lock now, not at the first write
 
-    def add(self, ids: list[str], vectors: np.ndarray) -> None:
-        matrix = self._checked_additions(ids, vectors)
+    def add(self, ids: list[str], vectors: np.ndarray, features: np.ndarray | None = None) -> None:
+        matrix, features = self._checked_additions(ids, vectors, features)
         if not ids:
             return
         if not self._index.is_trained:
@@ -179,6 +185,7 @@ class FaissIndex(StoredIds):
         int_ids = np.arange(first, first + len(ids), dtype=np.int64)
         self._begin()
         self._index.add_with_ids(matrix, int_ids)
+        self._write_features(first, features)
         self._db.executemany("INSERT INTO ids (int_id, image_id) VALUES (?, ?)",
                              zip(int_ids.tolist(), ids, strict=True))
         for int_id, name in zip(int_ids.tolist(), ids, strict=True):
@@ -186,7 +193,6 @@ class FaissIndex(StoredIds):
             self._by_int[int_id] = name
         self._meta["next_id"] = str(first + len(ids))
         self._dirty = True
-        self._stored = None
 
     def _train(self, matrix: np.ndarray) -> None:
         try:
@@ -213,7 +219,6 @@ class FaissIndex(StoredIds):
         for int_id in int_ids.tolist():
             del self._by_name[self._by_int.pop(int_id)]
         self._dirty = True
-        self._stored = None
 
     def commit(self) -> None:
         """Make every change since the last commit durable, atomically (see the module docstring)."""
@@ -226,6 +231,7 @@ class FaissIndex(StoredIds):
         _fsync_path(temp)
         os.replace(temp, self.folder / name)
         _fsync_path(self.folder)
+        self._sync_features()
         self._meta.update(generation=str(generation), count=str(self._index.ntotal))
         self._begin()
         self._db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", self._meta.items())
@@ -247,6 +253,15 @@ class FaissIndex(StoredIds):
         return self._meta["factory"]
 
 
+    def set_search_parameters(self, parameters: str) -> None:
+        """FAISS search-time settings for this open index, e.g. "nprobe=16" (IVF) or "efSearch=64" (HNSW);
+        not stored: each opening starts from FAISS's defaults."""
+        try:
+            faiss.ParameterSpace().set_index_parameters(self._index, parameters)
+        except RuntimeError as error:
+            raise ValueError(f"FAISS search parameters {parameters!r} do not apply to this {self.factory} index "
+                             f"({str(error).splitlines()[-1]})") from None
+
     def reconstruct(self, ids: Iterable[str]) -> np.ndarray:
         """The stored vectors of `ids` (N x D), e.g. for exact rescoring."""
         names = list(ids)
@@ -257,14 +272,6 @@ class FaissIndex(StoredIds):
         for row, name in enumerate(names):
             vectors[row] = self._index.reconstruct(self._by_name[name])
         return vectors
-
-    def stored_vectors(self) -> tuple[list[str], np.ndarray]:
-        """Every searchable id (insertion order) and its stored vector (N x D), for ranking by a model's own
-        score; read from FAISS once and kept (shared, not to be modified) until the next `add` or `remove`."""
-        if self._stored is None:
-            ids = self.ids()
-            self._stored = ids, self.reconstruct(ids)
-        return self._stored
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         matrix = as_matrix(queries, int(self._meta["dim"]), "queries")
@@ -291,5 +298,5 @@ class FaissIndex(StoredIds):
             "factory": self.factory, "count": len(self), "tombstones": len(self._tombstones),
             "trained": bool(self._index.is_trained), "generation": int(self._meta["generation"]),
             "gallery_root": self._meta["gallery_root"] or None, "uncommitted_changes": self._dirty,
-            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None, **self._feature_info(),
         }

@@ -1,6 +1,7 @@
 """An index whose vectors live in a Milvus collection; ids and metadata stay in the local index folder.
 
-Folder layout: `index.sqlite` alone, with the tables of the FAISS backend (meta, ids, tombstones).
+Folder layout: `index.sqlite`, with the tables of the FAISS backend (meta, ids, tombstones), and for an
+index created with a feature_dim `features.f32`, the full target features (`cirlab.index.features`).
 Its metadata records backend=milvus, the server URI and the collection name, so `open` needs only the
 folder. An access token is never written anywhere: it is read from $CIRLAB_MILVUS_TOKEN.
 
@@ -43,6 +44,7 @@ import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
 from cirlab.index.base import IndexFormatError, IndexMismatchError, IndexStoreError, UnknownImageError, as_matrix
+from cirlab.index.features import FEATURES_FILE
 from cirlab.index.store import DB_FILE, FORMAT_VERSION, SCHEMA, StoredIds, connect, read_meta
 
 TOKEN_ENV = "CIRLAB_MILVUS_TOKEN"
@@ -127,13 +129,15 @@ class MilvusIndex(StoredIds):
         self._tombstones = tombstones
         self._where = f"Milvus at {meta['uri']}, collection {meta['collection']}"
         self._dirty = False
+        self._open_features()
 
     # -- opening ------------------------------------------------------------------------------
 
     @classmethod
     def create(cls, folder: Path, dim: int, model_id: str, uri: str, collection: str | None = None,
-               gallery_root: Path | None = None, checkpoint: Path | None = None) -> MilvusIndex:
-        """A new, empty index in `folder` with its vectors in `collection` (default: named after the folder).
+               gallery_root: Path | None = None, checkpoint: Path | None = None, feature_dim: int = 0) -> MilvusIndex:
+        """A new, empty index in `folder` with its vectors in `collection` (default: named after the folder);
+        with `feature_dim`, one that also keeps each image's target features of that width in `folder`.
 
         An existing collection is taken over only where cirlab made it for this model and dimension
         and it is empty (a crash inside `create` leaves one); otherwise creating is refused.
@@ -167,12 +171,12 @@ class MilvusIndex(StoredIds):
                         raise FileExistsError(f"{where}: already holds {stored} vectors of another index folder; "
                                               "choose another collection or drop this one")
             folder.mkdir(parents=True, exist_ok=True)
-            for leftover in (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm"):  # from a crash inside create
+            for leftover in (DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm", FEATURES_FILE):  # a crash inside create
                 (folder / leftover).unlink(missing_ok=True)
             connection = connect(path)
             meta = {
                 "format_version": str(FORMAT_VERSION), "backend": "milvus", "model_id": model_id, "dim": str(dim),
-                "uri": uri, "collection": name, "count": "0", "next_id": "0",
+                "uri": uri, "collection": name, "count": "0", "next_id": "0", "feature_dim": str(feature_dim),
                 "gallery_root": "" if gallery_root is None else str(Path(gallery_root).resolve()),
                 "checkpoint": "" if checkpoint is None else str(Path(checkpoint).resolve()),
             }
@@ -249,8 +253,8 @@ class MilvusIndex(StoredIds):
             self._db.execute("ROLLBACK")
             raise
 
-    def add(self, ids: list[str], vectors: np.ndarray) -> None:
-        matrix = self._checked_additions(ids, vectors)
+    def add(self, ids: list[str], vectors: np.ndarray, features: np.ndarray | None = None) -> None:
+        matrix, features = self._checked_additions(ids, vectors, features)
         if not ids:
             return
         self._begin()
@@ -263,6 +267,7 @@ class MilvusIndex(StoredIds):
                 # Upsert, not insert: if a request fails half-way, the next add reuses these ids and
                 # overwrites whatever rows did arrive, instead of leaving duplicate keys behind.
                 self._client.upsert(self._meta["collection"], [{"id": i, "vector": row} for i, row in rows])
+        self._write_features(first, features)
         self._db.executemany("INSERT INTO ids (int_id, image_id) VALUES (?, ?)", zip(int_ids, ids, strict=True))
         self._by_name.update(zip(ids, int_ids, strict=True))
         self._by_int.update(zip(int_ids, ids, strict=True))
@@ -288,6 +293,7 @@ class MilvusIndex(StoredIds):
         """Make every change since the last commit durable, atomically (see the module docstring)."""
         if self._db.in_transaction:  # a write began (one that failed half-way changed nothing but this)
             self._meta["count"] = str(len(self))
+            self._sync_features()
             self._db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", self._meta.items())
             self._db.execute("COMMIT")
             self._dirty = False
@@ -353,5 +359,5 @@ class MilvusIndex(StoredIds):
             "uri": self._meta["uri"], "collection": self._meta["collection"], "factory": "FLAT", "metric": "IP",
             "consistency": self.consistency, "count": len(self), "tombstones": len(self._tombstones),
             "gallery_root": self._meta["gallery_root"] or None, "uncommitted_changes": self._dirty,
-            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None, **self._feature_info(),
         }

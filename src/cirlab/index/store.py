@@ -12,7 +12,8 @@ from typing import Self
 
 import numpy as np
 
-from cirlab.index.base import IndexFormatError, as_matrix
+from cirlab.index.base import IndexFormatError, IndexStoreError, UnknownImageError, as_matrix
+from cirlab.index.features import FeatureStore
 
 DB_FILE = "index.sqlite"
 FORMAT_VERSION = 1
@@ -50,23 +51,71 @@ def repeated_ids(ids: list[str]) -> set[str]:
 class StoredIds:
     """The read side of the id map every backend keeps in memory, and the SQLite handle behind it.
 
-    Subclasses fill `_db` (the connection), `_meta` (the meta table), `_by_name` (image id -> int key)
-    and `_by_int` (int key -> image id, searchable ids only)."""
+    Subclasses fill `folder`, `_db` (the connection), `_meta` (the meta table), `_by_name` (image id -> int
+    key) and `_by_int` (int key -> image id, searchable ids only), then call `_open_features`. An index
+    created with a `feature_dim` also keeps each image's full target features (`cirlab.index.features`),
+    written by `add` and made durable by the backend's `commit` through `_sync_features`."""
 
+    folder: Path
     _db: sqlite3.Connection
     _meta: dict[str, str]
     _by_name: dict[str, int]
     _by_int: dict[int, str]
+    _features: FeatureStore | None
 
-    def _checked_additions(self, ids: list[str], vectors: np.ndarray) -> np.ndarray:
-        """The vectors of new, distinct `ids` as a float32 matrix; anything else is refused before any write."""
+    def _open_features(self) -> None:
+        width = self.feature_dim
+        self._features = FeatureStore(self.folder, width) if width else None
+
+    def _checked_additions(self, ids: list[str], vectors: np.ndarray,
+                           features: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The vectors (and target features) of new, distinct `ids` as float32 matrices; anything else is
+        refused before any write."""
         matrix = as_matrix(vectors, int(self._meta["dim"]), "vectors")
         if len(ids) != len(matrix):
             raise ValueError(f"{len(ids)} ids for {len(matrix)} vectors")
+        if (features is None) != (self._features is None):
+            raise ValueError("this index keeps target features: give them with the vectors" if features is None
+                             else "this index keeps no target features (it was created without a feature_dim)")
+        if features is not None:
+            features = as_matrix(features, self.feature_dim, "target features")
+            if len(features) != len(ids):
+                raise ValueError(f"{len(ids)} ids for {len(features)} rows of target features")
         duplicates = sorted({name for name in ids if name in self._by_name} | repeated_ids(ids))
         if duplicates:
             raise ValueError(f"ids already in the index or repeated: {', '.join(duplicates[:5])}")
-        return matrix
+        return matrix, features
+
+    def _write_features(self, first_key: int, features: np.ndarray | None) -> None:
+        if self._features is not None and features is not None:
+            self._features.write(first_key, features)
+
+    def _sync_features(self) -> None:
+        if self._features is not None:
+            self._features.sync()
+
+    @property
+    def dim(self) -> int:
+        return int(self._meta["dim"])
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the stored target features; 0 for an index that keeps only its vectors."""
+        return int(self._meta.get("feature_dim", "0"))
+
+    def features_of(self, ids: list[str]) -> np.ndarray:
+        """The stored target features of `ids` (N x feature_dim), read from disk row by row."""
+        if self._features is None:
+            raise IndexStoreError(f"{self.folder}: this index keeps no target features for exact rescoring "
+                                  "(built before two-stage retrieval, or for a cosine model); rebuild it")
+        unknown = [name for name in ids if name not in self._by_name]
+        if unknown:
+            raise UnknownImageError(f"not in the index at {self.folder}: {', '.join(unknown[:5])}")
+        return self._features.rows(np.array([self._by_name[name] for name in ids], dtype=np.int64))
+
+    def _feature_info(self) -> dict[str, int]:
+        return {"feature_dim": self.feature_dim,
+                "feature_bytes": self._features.disk_bytes if self._features is not None else 0}
 
     def close(self) -> None:
         """Release the database; uncommitted changes are discarded."""

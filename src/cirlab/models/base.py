@@ -3,6 +3,7 @@
     state  = model.encode_queries(reference_images, texts)
     feats  = model.encode_targets(images)
     scores = model.score(state, feats)          # B x N, exact
+    model.query_vectors(state) . model.index_vectors(feats)   # = scores, or a shortlist's approximation
 
 Images are pixel batches (B x 3 x H x W) or, with a frozen backbone, the backbone's cached
 feature maps; the image encoder tells them apart (see `ImageEncoder.feature_map`).
@@ -68,9 +69,25 @@ class CIRModel(nn.Module, metaclass=ABCMeta):
     def encode_targets(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(images)
 
+    # Whether `score` is exactly <query_vectors, index_vectors>: a vector index then ranks by it, exactly or
+    # approximately as its factory does. Otherwise the vectors give a two-stage search its shortlist, and
+    # `score` ranks the shortlist over the full target features the index keeps (`cirlab.index.search`).
+    vectors_score_exactly = True
+
+    def index_vectors(self, targets: torch.Tensor) -> torch.Tensor:
+        """What an index stores for each target (N x d): by default the unit target vector."""
+        if targets.dim() != 2:
+            raise ValueError(f"encode_targets returned shape {tuple(targets.shape)}; a vector index needs one "
+                             "vector per image, or a model that defines `index_vectors`")
+        return F.normalize(targets, dim=-1)
+
+    def query_vectors(self, queries: torch.Tensor) -> torch.Tensor:
+        """What an index is searched with for each query state (B x d), by inner product."""
+        return F.normalize(queries, dim=-1)
+
     def score(self, queries: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of every query with every target (B x N)."""
-        return F.normalize(queries, dim=-1) @ F.normalize(targets, dim=-1).T
+        """Every query against every target (B x N): by default the cosine of the two vectors."""
+        return self.query_vectors(queries) @ self.index_vectors(targets).T
 
     def loss_features(self, queries: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the training loss sees of a step's query states and target features (float32).

@@ -26,7 +26,8 @@ EM-only and IS-only ablations (`model_version`), which train and rank with that 
 
 `encode_queries` returns the query state B x (4 + L) x d: rows m, E_m, A_m, A_p, then L2N(A_p * r_k) for
 each level; `encode_targets` returns B x L x d (`score` also takes it flattened to B x L*d, as an index
-stores it).
+keeps it). Search is two-stage (`cirlab.index.search`): `index_vectors` and `query_vectors` give a vector
+index a shortlist by an estimate of the score, and `score` ranks the shortlist exactly.
 
 Objective (`training_loss`; `train.loss` is not used): L = L_match + sc_weight * sum_k w_k L_SC,k with
 - L_match = sum_k CE(exp(theta) S_k, diagonal): in-batch classification on each level's B x B scores,
@@ -142,11 +143,14 @@ class CMAP(CIRModel):
         preserved = F.normalize(preservation[:, None] * self.image_encoder(images), dim=-1)
         return torch.cat([torch.stack(text_rows, dim=1), preserved], dim=1)
 
-    def _per_level(self, state: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """The state checked, and the targets as N x L x d (they may come flattened, as an index stores them)."""
+    def _checked_state(self, state: Tensor) -> Tensor:
         if state.dim() != 3 or state.shape[1] != QUERY_ROWS + self.levels:
             raise ValueError(f"a CMAP query state is B x {QUERY_ROWS + self.levels} x d, got {tuple(state.shape)}")
-        return state, targets.reshape(len(targets), self.levels, state.shape[-1])
+        return state
+
+    def _per_level(self, state: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """The state checked, and the targets as N x L x d (they may come flattened, as an index stores them)."""
+        return self._checked_state(state), targets.reshape(len(targets), self.levels, state.shape[-1])
 
     def level_scores(self, state: Tensor, targets: Tensor) -> list[Tensor]:
         """Each level's exact B x N score (EM + IS), top level first."""
@@ -161,6 +165,29 @@ class CMAP(CIRModel):
 
     def score(self, queries: Tensor, targets: Tensor) -> Tensor:
         return torch.stack(self.level_scores(queries, targets)).sum(dim=0)
+
+    # The normalisation ||A * t_k|| couples each query with each target, so no pair of vectors scores
+    # exactly: an index shortlists by `index_vectors` and `score` ranks the shortlist.
+    vectors_score_exactly = False
+
+    def index_vectors(self, targets: Tensor) -> Tensor:
+        """The unit level features t_k side by side (N x L*d), for the shortlist of a two-stage search."""
+        return F.normalize(targets.reshape(len(targets), self.levels, -1), dim=-1).flatten(1)
+
+    def query_vectors(self, queries: Tensor) -> Tensor:
+        """Per level, a_k = E_m * A_m / ||A_m|| + L2N(A_p * r_k) * A_p / ||A_p|| (B x L*d), so that
+        <a_k, t_k> is a level's score with ||A * t_k|| replaced by ||A|| ||t_k|| / sqrt(d), the value it
+        has when t_k spreads evenly over the d dims (the sqrt(d), common to every term, is left out).
+        Derived from the trained weights, not trained itself: a shortlist ranks by it, `score` then exactly."""
+        state = self._checked_state(queries)
+        _, transformed, modification, preservation = state[:, :QUERY_ROWS].unbind(dim=1)
+        modification = modification / modification.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        preservation = preservation / preservation.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        with_modification = self.options.scores in ("both", "em")
+        with_preservation = self.options.scores in ("both", "is")
+        return torch.cat([(transformed * modification if with_modification else 0)
+                          + (state[:, QUERY_ROWS + k] * preservation if with_preservation else 0)
+                          for k in range(self.levels)], dim=1)
 
     def loss_features(self, queries: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
         return queries, candidates  # per-pair scores: the states are scored in `training_loss`

@@ -33,8 +33,9 @@ the text's global feature t_g (D) and tokens T (token_dim, with a padding mask).
 - Textually guided focus revision [revision=true]: H = sigmoid(W2 LeakyReLU(W1 [F_r; F_m])) per token
   (2D -> D -> 2D), gamma, beta from H, F_c = gamma * F_r + beta * F_m. Without it (the ablation,
   revision=false) F_c = F_r + F_m.
-- Query = mean of F_c's 2P tokens; target features = the target's 2P VFM tokens (B x 2P x D, what the
-  index stores); score = cosine of the query with the mean of the target's tokens, exact and batched.
+- Query = mean of F_c's 2P tokens; target features = the target's 2P VFM tokens (B x 2P x D); score =
+  cosine of the query with the mean of the target's tokens, exact and batched. An index stores only that
+  unit mean (`index_vectors`), so any vector index ranks OFFSET as exactly as its factory allows.
 - Loss (`train.loss` is not used; OFFSET has its own): batch-based classification
   CE(s * cos(q_i, t_j), diagonal) with a learnable s [logit_scale=10] (no exp, no clamp), plus kappa
   [kappa=0.5] x the focus-regularisation KL: z_i = L2N(flatten_k(w_k L2N(F_t,i,k))) with learnable
@@ -341,11 +342,11 @@ class OFFSET(CIRModel):
     def encode_targets(self, images: Tensor | MaskedBatch) -> Tensor:
         return self._visual(images)[0]
 
-    def score(self, queries: Tensor, targets: Tensor) -> Tensor:
-        """Cosine of every query with the mean of every target's focus tokens (B x N). Targets are N x 2P x D,
-        or flattened to N x 2P*D as an index stores them."""
-        tokens = targets.reshape(len(targets), -1, queries.shape[-1])
-        return F.normalize(queries, dim=-1) @ F.normalize(tokens.mean(dim=1), dim=-1).T
+    def index_vectors(self, targets: Tensor) -> Tensor:
+        """The unit mean of each target's focus tokens (N x D); targets are N x 2P x D, or flattened to
+        N x 2P*D. `score` is the inherited cosine with the query, so an index of these ranks exactly."""
+        tokens = targets.reshape(len(targets), -1, self.embed_dim)
+        return F.normalize(tokens.mean(dim=1), dim=-1)
 
     def loss_features(self, queries: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
         """What the loss needs, computed inside the training forward so that DDP sees every parameter the loss

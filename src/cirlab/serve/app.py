@@ -35,7 +35,8 @@ from cirlab.explain.overlay import explain_pair, heatmap_overlay
 from cirlab.files import png_bytes
 from cirlab.images import ImageDecodeError, decode_image, fit_image, load_image
 from cirlab.index.base import Index
-from cirlab.index.build import model_identity, open_index, search_index
+from cirlab.index.build import model_identity, open_index
+from cirlab.index.search import search_index
 from cirlab.models.base import CIRModel
 
 # Formats Pillow decodes itself; others (EPS, for one) would hand the upload to external programs.
