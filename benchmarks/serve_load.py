@@ -6,7 +6,8 @@ number of composed queries from N client threads: gallery-id queries (the refere
 image) and, separately, uploaded-image queries. Reports p50/p95/p99 latency, throughput and errors.
 
     make demo                                          # trains runs/demo/tirg/best
-    python benchmarks/serve_load.py                    # 100K images, 4 clients, 400 requests per row
+    python benchmarks/serve_load.py                    # 100K images, 1-16 clients, 400 requests per row
+    python benchmarks/serve_load.py --batch-wait-ms 0  # the same without micro-batching
     python benchmarks/serve_load.py --images 5000 --requests 100   # quick look
 """
 
@@ -36,6 +37,7 @@ from machine import command_line, describe_machine, publish  # noqa: E402
 
 from cirlab.data.css import COLOURS, GRID_CELLS, SHAPES, SIZES, SceneObject, render_scene  # noqa: E402
 from cirlab.index.build import build_index  # noqa: E402
+from cirlab.serve.batching import BATCH_WAIT_MS  # noqa: E402
 
 TEXTS = ("make top-left object red", "add large blue circle to middle-center", "remove the small green triangle",
          "make middle-right object large", "add small gray rectangle to bottom-left")
@@ -46,7 +48,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--checkpoint", default="runs/demo/tirg/best", help="trained checkpoint (make demo)")
     parser.add_argument("--images", type=int, default=100_000, help="gallery size")
     parser.add_argument("--work", default="runs/bench-serve-load", help="gallery, index and results")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4], help="concurrent clients per row")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrent clients per row")
+    parser.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS,
+                        help=f"passed to `cirlab serve --batch-wait-ms` (default: {BATCH_WAIT_MS:g}; 0: no batching)")
     parser.add_argument("--requests", type=int, default=400, help="requests per row")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -162,7 +166,8 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "cirlab", "serve", str(index), "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "cirlab", "serve", str(index), "--port", str(port),
+                               "--batch-wait-ms", f"{args.batch_wait_ms:g}"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = []
     try:
@@ -179,7 +184,7 @@ def main() -> None:
         server.wait(timeout=30)
 
     lines = [f"Serving load: `cirlab serve` on a {args.images:,}-image FAISS Flat index ({checkpoint}), "
-             f"{args.requests} requests per row, k={args.k}, loopback HTTP", "",
+             f"{args.requests} requests per row, k={args.k}, batch wait {args.batch_wait_ms:g} ms, loopback HTTP", "",
              "| query | clients | p50 ms | p95 ms | p99 ms | mean ms | requests/s | errors |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for kind, clients, latencies, errors, seconds in rows:

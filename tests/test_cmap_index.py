@@ -4,6 +4,7 @@ With a shortlist as large as the gallery, indexing, search and the REST API rank
 scoring does, whatever the index's factory; with a shorter one, what the first stage misses is lost, and the
 recall against exact ranking says so."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cirlab.checkpoint import load_checkpoint, save_checkpoint
+from cirlab.cli import main
 from cirlab.config import load_config
 from cirlab.encoders.text import Vocabulary
 from cirlab.images import image_tensor, load_image
 from cirlab.index.build import build_index, list_images
 from cirlab.index.faiss_index import FaissIndex
-from cirlab.index.search import SearchQuery, overlap_recall, search_index, search_many
+from cirlab.index.search import DEFAULT_SHORTLIST, SearchQuery, overlap_recall, search_index, search_many
 from cirlab.models.registry import create_model
 from cirlab.serve.app import create_app
 
@@ -153,3 +155,20 @@ def test_any_faiss_factory_can_shortlist(indexed, tmp_path):
                 assert [name for name, _ in from_graph] == [name for name, _ in from_flat]
                 np.testing.assert_allclose([s for _, s in from_graph], [s for _, s in from_flat], atol=1e-5)
 
+
+def test_the_cli_and_the_server_take_the_shortlist(indexed, capsys):
+    checkpoint, index_folder, gallery = indexed
+    model = load_checkpoint(checkpoint).model.eval()
+    with FaissIndex.open(index_folder) as index:
+        expected = search_index(index, model, "g03.png", TEXT, k=3, shortlist=2)
+    assert main(["search", str(index_folder), "--id", "g03.png", "--text", TEXT, "-k", "3", "--shortlist", "2",
+                 "--json"]) == 0
+    assert [hit["id"] for hit in json.loads(capsys.readouterr().out)] == [name for name, _ in expected]
+    with TestClient(create_app(index_folder, checkpoint, shortlist=2)) as client:
+        response = client.post("/api/search", data={"text": TEXT, "k": "3", "image_id": "g03.png"})
+    assert [hit["id"] for hit in response.json()["results"]] == [name for name, _ in expected]
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    assert f"default: {DEFAULT_SHORTLIST};" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(ValueError, match="shortlist must be at least 1, not 0"):
+        create_app(index_folder, checkpoint, shortlist=0)

@@ -247,7 +247,11 @@ def test_concurrent_searches_agree(client):
     for thread in threads:
         thread.join()
     assert answers[0][0] == 200 and len(answers[0][1]["results"]) == 10
-    assert all(answer == answers[0] for answer in answers)
+    # Gathered into batches of different sizes, the encoder's floats may differ in the last digits.
+    first = answers[0][1]["results"]
+    for status, body in answers:
+        assert status == 200 and [hit["id"] for hit in body["results"]] == [hit["id"] for hit in first]
+        assert [hit["score"] for hit in body["results"]] == pytest.approx([hit["score"] for hit in first], abs=1e-5)
 
 
 def test_requests_wrote_nothing(served):

@@ -222,10 +222,12 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from cirlab.index.build import recorded_checkpoint
+    from cirlab.index.search import DEFAULT_SHORTLIST
     from cirlab.serve.app import create_app
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else recorded_checkpoint(Path(args.index))
-    app = create_app(Path(args.index), checkpoint)
+    app = create_app(Path(args.index), checkpoint, batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch,
+                     consistency=args.milvus_consistency, shortlist=args.shortlist or DEFAULT_SHORTLIST)
     print(f"serving {args.index} on http://{args.host}:{args.port} (API docs at /docs)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
@@ -399,6 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--checkpoint", help="checkpoint folder (default: the one the index was built with)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
+    from cirlab.serve.batching import BATCH_WAIT_MS, MAX_BATCH  # plain asyncio: `cirlab --help` stays light
+
+    serve.add_argument("--batch-wait-ms", metavar="MS", type=float, default=BATCH_WAIT_MS,
+                       help="gather concurrent searches this long into one model pass and index search "
+                            f"(default: {BATCH_WAIT_MS:g}; 0: each search runs alone)")
+    serve.add_argument("--max-batch", metavar="N", type=int, default=MAX_BATCH,
+                       help=f"at most this many searches in one batch (default: {MAX_BATCH})")
+    _add_search_settings(serve)
     serve.set_defaults(func=_cmd_serve)
 
     demo = commands.add_parser("demo", help="generate demo CSS, train image-only/concat/TIRG, report")

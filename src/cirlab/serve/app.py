@@ -1,9 +1,13 @@
 """HTTP API over one checkpoint and the index built with it: composed search, gallery images, heat-maps,
 and the web page that drives them (static/, served at `/`).
 
-One worker thread owns the model and the index. The index's SQLite connection may only be used (and
-closed) by the thread that opened it, and funnelling every model call through that one thread
-serialises them, so concurrent requests are safe while inference stays off the event loop.
+Searches go to one worker thread, which opened the index and alone touches it (its SQLite connection may
+only be used, and closed, by the thread that opened it). Concurrent /api/search requests are gathered for up
+to `batch_wait_ms` (at most `max_batch` of them) and answered by one `search_many` call: one encoder pass per
+image size and one index search for the batch (`cirlab.serve.batching`). Each upload is decoded on its own
+before it joins a batch, and a batch that fails is retried query by query, so a bad request fails alone.
+Explanations, which backpropagate and take far longer, run on a second worker thread of their own, so they
+never hold searches up; they share the model (see `_Engine`) but never touch the index.
 
 Requests never write files: uploads are decoded in memory and responses are built in memory.
 No `from __future__ import annotations` here: FastAPI must evaluate the endpoints' annotations, which
@@ -19,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import quote
 
+import torch
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -36,8 +41,9 @@ from cirlab.files import png_bytes
 from cirlab.images import ImageDecodeError, decode_image, fit_image, load_image
 from cirlab.index.base import Index
 from cirlab.index.build import model_identity, open_index
-from cirlab.index.search import search_index
+from cirlab.index.search import DEFAULT_SHORTLIST, Hits, SearchQuery, search_many
 from cirlab.models.base import CIRModel
+from cirlab.serve.batching import BATCH_WAIT_MS, MAX_BATCH, MicroBatcher
 
 # Formats Pillow decodes itself; others (EPS, for one) would hand the upload to external programs.
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
@@ -79,9 +85,13 @@ class Health(BaseModel):
     model_id: str
 
 
-def _open(index_folder: Path, checkpoint_folder: Path) -> tuple[CIRModel, Index]:
+def _open(index_folder: Path, checkpoint_folder: Path, consistency: str | None) -> tuple[CIRModel, Index]:
     model = load_checkpoint(checkpoint_folder).model.eval()
-    index = open_index(index_folder, model_id=model_identity(checkpoint_folder))
+    with torch.no_grad():
+        # A Hugging Face fast tokenizer (MiniLM) sets its padding and truncation on its first call; made here,
+        # that call cannot race between the search and the explanation threads.
+        model.text_encoder(["warm up"])
+    index = open_index(index_folder, model_id=model_identity(checkpoint_folder), consistency=consistency)
     if index.gallery_root is None:
         index.close()
         raise ValueError(f"{index_folder}: index records no gallery folder, so there are no images to serve")
@@ -89,24 +99,47 @@ def _open(index_folder: Path, checkpoint_folder: Path) -> tuple[CIRModel, Index]
 
 
 class _Engine:
-    """The model and the index, touched only by one worker thread (see the module docstring)."""
+    """The model and the index: searches, batched, on the thread that opened the index; explanations on
+    a thread of their own (see the module docstring).
 
-    def __init__(self, index_folder: Path, checkpoint_folder: Path) -> None:
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cirlab-serve")
+    Sharing the model between the two threads is safe while it stays in eval mode: forward passes do not
+    write module state (BatchNorm in eval mode reads its running statistics; no module caches anything);
+    `search_many` and `explain_pair` set eval mode and restore it, which rewrites the same `training=False`
+    flags; grad mode (`no_grad`, `enable_grad`) is per thread; Grad-CAM takes `torch.autograd.grad` with
+    respect to a feature map, so no parameter's `.grad` is written; and MMGrad's rewinding of torch's random
+    generator cannot change a search, since eval-mode passes draw no random numbers."""
+
+    def __init__(self, index_folder: Path, checkpoint_folder: Path, consistency: str | None,
+                 batch_wait_ms: float, max_batch: int, shortlist: int) -> None:
+        self._shortlist = shortlist
+        self._searcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cirlab-search")
+        self._explainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cirlab-explain")
         try:
-            self.model, self.index = self._worker.submit(_open, index_folder, checkpoint_folder).result()
+            self._batcher = MicroBatcher(self._search_many, self._searcher, batch_wait_ms, max_batch)
+            self.model, self.index = self._searcher.submit(_open, index_folder, checkpoint_folder,
+                                                           consistency).result()
         except BaseException:
-            self._worker.shutdown()
+            self._searcher.shutdown()
+            self._explainer.shutdown()
             raise
         self.gallery = self.index.gallery_root.resolve()
         self.ids = self.index.ids()  # fixed while serving: the index is opened once and never written
 
-    async def run(self, function: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, function)
+    def _search_many(self, queries: list[SearchQuery]) -> list[Hits]:
+        # A method, not a partial: the batcher is made before the index is opened.
+        return search_many(self.index, self.model, queries, self._shortlist)
+
+    async def search(self, query: SearchQuery) -> Hits:
+        return await self._batcher.submit(query)
+
+    async def explain(self, function: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._explainer, function)
 
     async def close(self) -> None:
-        await self.run(self.index.close)
-        self._worker.shutdown()
+        await self._batcher.close()
+        await asyncio.get_running_loop().run_in_executor(self._searcher, self.index.close)
+        self._searcher.shutdown()
+        self._explainer.shutdown()
 
     def gallery_path(self, image_id: str) -> Path:
         """The file of an indexed image; anything else is refused before the file system is asked."""
@@ -196,9 +229,16 @@ async def _validation_error(_: Request, error: RequestValidationError) -> JSONRe
 
 
 def create_app(index_folder: Path, checkpoint_folder: Path, max_upload_bytes: int = 5 * 2**20,
-               max_text_chars: int = 300, max_k: int = 100, max_pixels: int = 2048 * 2048) -> FastAPI:
-    """The API for one index and the checkpoint that built it, both loaded once, here."""
-    engine = _Engine(Path(index_folder), Path(checkpoint_folder))
+               max_text_chars: int = 300, max_k: int = 100, max_pixels: int = 2048 * 2048,
+               batch_wait_ms: float = BATCH_WAIT_MS, max_batch: int = MAX_BATCH,
+               consistency: str | None = None, shortlist: int = DEFAULT_SHORTLIST) -> FastAPI:
+    """The API for one index and the checkpoint that built it, both loaded once, here. Concurrent searches
+    are gathered for up to `batch_wait_ms` (0: each runs alone) into batches of at most `max_batch`;
+    `consistency` is a Milvus index's search level (`open_index`); `shortlist` the images a two-stage
+    search (CMAP) scores exactly (`cirlab.index.search`)."""
+    if shortlist < 1:
+        raise ValueError(f"shortlist must be at least 1, not {shortlist}")
+    engine = _Engine(Path(index_folder), Path(checkpoint_folder), consistency, batch_wait_ms, max_batch, shortlist)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -247,12 +287,10 @@ def create_app(index_folder: Path, checkpoint_folder: Path, max_upload_bytes: in
         data = await _upload_bytes(image, image_id, max_upload_bytes)
         if image_id is not None:
             engine.gallery_path(image_id)  # a bad or unknown id is refused before the model is queued
-
-        def query() -> list[tuple[str, float]]:
-            reference = decode_upload(data, max_pixels) if image_id is None else image_id
-            return search_index(engine.index, engine.model, reference, text, k)
-
-        results = await engine.run(query)
+            reference: Image.Image | str = image_id
+        else:  # decoded on its own, off the event loop, so that a bad upload never joins a batch
+            reference = await run_in_threadpool(decode_upload, data, max_pixels)
+        results = await engine.search(SearchQuery(reference, text, k))
         hits = [Hit(id=name, score=score, url=_image_url(name)) for name, score in results]
         return SearchResponse(results=hits, reference=image_id)
 
@@ -287,6 +325,6 @@ def create_app(index_folder: Path, checkpoint_folder: Path, max_upload_bytes: in
             scale = max(1, math.ceil(MIN_OVERLAY_PX / explained.width))
             return png_bytes(heatmap_overlay(explained, saliency, scale=scale))
 
-        return Response(await engine.run(overlay), media_type="image/png")
+        return Response(await engine.explain(overlay), media_type="image/png")
 
     return app
