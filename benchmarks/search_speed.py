@@ -14,19 +14,28 @@ setting reached: IVF with nlist ~ 4 sqrt(N), nprobe doubled until recall@10 >= -
 tuning queries; HNSW with M = 32, efSearch doubled likewise. The machine's SGEMM GFLOP/s (a large
 float32 matmul in NumPy and in torch) is printed with the fraction that batched exact search reaches.
 
+Method `milvus` (not run by default; needs the extra `cirlab[milvus]`) measures cirlab's Milvus backend,
+MilvusIndex, against an embedded Milvus server that this run starts on this machine under --out (one server
+for the whole run, talked to over loopback): build = create, add in chunks of 50,000, commit; then the same
+measurements, once with the index opened at Strong consistency and once at Bounded. Its memory column is
+the raw vectors (N x D x 4 bytes), not the server's own footprint.
+
     python benchmarks/search_speed.py                           # 10K, 100K and 1M (about 6 GiB of RAM at 1M)
     python benchmarks/search_speed.py --sizes 10000 --queries 200 --latency-queries 50    # quick look
     python benchmarks/search_speed.py --sizes 1000000 --methods hnsw                      # one method
+    python benchmarks/search_speed.py --sizes 100000 --methods flat milvus                # Milvus against FAISS
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,8 +49,12 @@ from machine import command_line, describe_machine, publish  # noqa: E402
 
 from cirlab.devices import resolve_device  # noqa: E402
 from cirlab.index.build import build_index  # noqa: E402
+from cirlab.index.milvus_embedded import embedded_milvus  # noqa: E402
 
-METHODS = ("numpy", "flat", "ivf", "hnsw")
+METHODS = ("numpy", "flat", "ivf", "hnsw", "milvus")
+DEFAULT_METHODS = ["numpy", "flat", "ivf", "hnsw"]  # milvus starts a server: only when asked for
+MILVUS_ADD_CHUNK = 50_000
+MILVUS_GRACEFUL_S = 5.0  # the server's default gracefulTime: how far a Bounded search may lag the writes
 Search = Callable[[np.ndarray, int], np.ndarray]  # queries, k -> B x k gallery rows
 
 
@@ -72,7 +85,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--latency-queries", type=int, default=200, help="queries sent one at a time")
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--target", type=float, default=0.95, help="recall@k that nprobe/efSearch are tuned to")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=DEFAULT_METHODS)
     parser.add_argument("--checkpoint", help="also a real gallery: this checkpoint's embeddings of --images")
     parser.add_argument("--images", help="image folder for --checkpoint")
     parser.add_argument("--gemm-size", type=int, default=4096, help="n of the n x n SGEMM that measures the peak")
@@ -184,8 +197,57 @@ def measure(name: str, method: str, setting: str, build_s: float, memory: float,
                None if flops is None else round(flops / batched / 1e9, 1))
 
 
+@contextmanager
+def milvus_server(out: Path) -> Iterator[str]:
+    """An embedded Milvus server for the whole run, its data under out/milvus-server and its binaries unpacked
+    once into out/milvus-bin; the data folder is removed after a run that succeeded, kept with its logs
+    after one that failed."""
+    base = out / "milvus-server"
+    shutil.rmtree(base, ignore_errors=True)  # a failed run's: every run starts a server with no data
+    with embedded_milvus(base, out / "milvus-bin") as uri:
+        yield uri
+    shutil.rmtree(base)
+
+
+def bench_milvus(name: str, gallery: np.ndarray, queries: np.ndarray, latency: np.ndarray, exact: np.ndarray,
+                 k: int, uri: str, out: Path) -> list[Row]:
+    """MilvusIndex (a FLAT collection) built from `gallery`, measured at Strong and at Bounded consistency;
+    its collection and index folder are removed afterwards."""
+    from pymilvus import MilvusClient
+
+    from cirlab.index.milvus_index import MilvusIndex
+
+    ids = [str(row) for row in range(len(gallery))]  # row numbers, so that hits compare with `exact`
+    rows = []
+    with tempfile.TemporaryDirectory(dir=out, prefix="milvus-index-") as folder:
+        started = time.perf_counter()
+        with MilvusIndex.create(Path(folder), gallery.shape[1], "search-speed", uri) as index:
+            collection = index.info()["collection"]
+            try:
+                for start in range(0, len(gallery), MILVUS_ADD_CHUNK):
+                    index.add(ids[start:start + MILVUS_ADD_CHUNK], gallery[start:start + MILVUS_ADD_CHUNK])
+                index.commit()
+                committed = time.perf_counter()
+                build = committed - started
+                for level in ("Strong", "Bounded"):
+                    if level == "Bounded":  # measured on settled writes, not on the last seconds' it may miss
+                        time.sleep(max(0.0, committed + MILVUS_GRACEFUL_S - time.perf_counter()))
+                    with MilvusIndex.open(Path(folder), consistency=level) as opened:
+                        def search(batch: np.ndarray, top: int, opened: MilvusIndex = opened) -> np.ndarray:
+                            return np.array(opened.search(batch, top)[1], dtype=np.int64)
+                        rows.append(measure(name, "milvus (embedded)", f"FLAT, {level} consistency", build,
+                                            gallery.nbytes / 2**20, search, queries, latency, exact, k, None))
+            finally:
+                client = MilvusClient(uri=uri)
+                try:
+                    client.drop_collection(collection)
+                finally:
+                    client.close()
+    return rows
+
+
 def bench_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, tuning: np.ndarray, latency: np.ndarray,
-                  args: argparse.Namespace) -> list[Row]:
+                  args: argparse.Namespace, milvus_uri: str | None) -> list[Row]:
     count, dim = gallery.shape
     k = args.k
     started = time.perf_counter()
@@ -226,6 +288,9 @@ def bench_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, tuning: n
                   args.target, 1 << (k - 1).bit_length(), 4096)
         rows.append(measure(name, "faiss HNSW32,Flat", f"efConstruction 40, efSearch {ef}", build,
                             index_mib(hnsw), faiss_search(hnsw), queries, latency, exact, k, None))
+        del hnsw
+    if milvus_uri is not None:
+        rows += bench_milvus(name, gallery, queries, latency, exact, k, milvus_uri, Path(args.out))
     return rows
 
 
@@ -250,6 +315,9 @@ def table(rows: list[Row], peak: dict[str, float], args: argparse.Namespace) -> 
     lines += ["", f"SGEMM ({args.gemm_size}^3, float32): " + ", ".join(f"{name} {value:.1f} GFLOP/s"
                                                                      for name, value in peak.items()),
               f"batched = {args.queries} queries in one call; FAISS threads: {faiss.omp_get_max_threads()}"]
+    if "milvus" in args.methods:
+        lines.append("milvus: an embedded server on this machine, over loopback; build = create + add + commit; "
+                     "memory = the raw vectors (N x D x 4 bytes), not the server's footprint (hard to get)")
     if args.sizes:
         lines.append(f"synthetic galleries: Gaussian mixture of {args.centres} centres in {args.topics} topics, "
                      f"spread {args.spread}, D = {args.dim}")
@@ -265,26 +333,28 @@ def main() -> None:
     print("SGEMM GFLOP/s: " + ", ".join(f"{name} {value:.1f}" for name, value in peak.items()), flush=True)
     rng = np.random.default_rng(args.seed)
     rows: list[Row] = []
-    if args.sizes:
-        topics = _unit(rng.standard_normal((args.topics, args.dim), dtype=np.float32))
-        centres = mixture(args.centres, topics, 1.0, rng)  # same-topic centres: cosine ~0.5
-        queries = mixture(args.queries, centres, args.spread, rng)
-        tuning = mixture(args.queries, centres, args.spread, rng)
-        latency = mixture(args.latency_queries, centres, args.spread, rng)
-        for size in args.sizes:
-            gallery = mixture(size, centres, args.spread, rng)
-            rows += bench_gallery(f"synthetic {size:,}", gallery, queries, tuning, latency, args)
-            del gallery
-            print("\n".join(f"{row}" for row in rows[-len(args.methods):]), flush=True)
-    if args.checkpoint:
-        gallery = real_gallery(args, out)
-        picks = rng.permutation(len(gallery))
-        needed = 2 * args.queries + args.latency_queries
-        if len(gallery) < needed:
-            raise SystemExit(f"{args.images}: {len(gallery)} images, fewer than the {needed} queries asked for")
-        queries, tuning, latency = np.split(gallery[picks[:needed]], [args.queries, 2 * args.queries])
-        rows += bench_gallery(f"{Path(args.images).name} ({len(gallery):,}, D {gallery.shape[1]})", gallery,
-                              queries, tuning, latency, args)
+    with milvus_server(out) if "milvus" in args.methods else nullcontext() as milvus_uri:
+        if args.sizes:
+            topics = _unit(rng.standard_normal((args.topics, args.dim), dtype=np.float32))
+            centres = mixture(args.centres, topics, 1.0, rng)  # same-topic centres: cosine ~0.5
+            queries = mixture(args.queries, centres, args.spread, rng)
+            tuning = mixture(args.queries, centres, args.spread, rng)
+            latency = mixture(args.latency_queries, centres, args.spread, rng)
+            for size in args.sizes:
+                gallery = mixture(size, centres, args.spread, rng)
+                measured = bench_gallery(f"synthetic {size:,}", gallery, queries, tuning, latency, args, milvus_uri)
+                rows += measured
+                del gallery
+                print("\n".join(f"{row}" for row in measured), flush=True)
+        if args.checkpoint:
+            gallery = real_gallery(args, out)
+            picks = rng.permutation(len(gallery))
+            needed = 2 * args.queries + args.latency_queries
+            if len(gallery) < needed:
+                raise SystemExit(f"{args.images}: {len(gallery)} images, fewer than the {needed} queries asked for")
+            queries, tuning, latency = np.split(gallery[picks[:needed]], [args.queries, 2 * args.queries])
+            rows += bench_gallery(f"{Path(args.images).name} ({len(gallery):,}, D {gallery.shape[1]})", gallery,
+                                  queries, tuning, latency, args, milvus_uri)
     publish(out, table(rows, peak, args), {"rows": [asdict(row) for row in rows], "sgemm_gflops": peak,
                                            "args": vars(args)})
 

@@ -1,11 +1,6 @@
 """The Milvus backend against a real embedded Milvus server (the `milvus` package), one per test module."""
 
-import fcntl
 import json
-import shutil
-import socket
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,83 +16,24 @@ from cirlab.cli import main
 from cirlab.index.base import Index, IndexFormatError, IndexMismatchError, IndexStoreError
 from cirlab.index.build import build_index, open_index
 from cirlab.index.faiss_index import FaissIndex
+from cirlab.index.milvus_embedded import embedded_milvus, free_port
 from cirlab.index.milvus_index import MilvusIndex, default_collection
 from cirlab.index.search import search_index
 from cirlab.index.store import DB_FILE
 from cirlab.serve.app import create_app
 
-SERVER_START_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_until_healthy(server, logs: Path) -> None:
-    # The package's own wait never notices a server that died at start; this one fails at once.
-    health = f"http://127.0.0.1:{server.webservice_port}/healthz"
-    loopback = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if server.server_proc.poll() is not None:
-            raise RuntimeError(f"embedded Milvus exited with code {server.server_proc.returncode}; logs in {logs}")
-        try:
-            with loopback.open(health, timeout=1) as response:
-                if b"OK" in response.read():
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"embedded Milvus not healthy after {SERVER_START_S} s; logs in {logs}")
-
-
-def _share_unpacked_binaries(request, base: Path) -> None:
-    """Make base/bin the server binaries unpacked once into pytest's cache: unpacking takes 5-20 s of CPU."""
-    import milvus
-
-    cache = getattr(request.config, "cache", None)
-    if cache is None:  # run with -p no:cacheprovider: `start` unpacks into base/bin itself
-        return
-    shared = cache.mkdir(f"milvus-server-{milvus.__version__}")
-    with open(shared / "unpack.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one session unpacks, sessions beside it wait, later ones reuse
-        milvus._initialize_data_files(str(shared))  # what `start` runs; it skips files already unpacked
-    (base / "bin").symlink_to(shared / "bin", target_is_directory=True)
-
 
 @pytest.fixture(scope="module")
 def milvus_uri(request, tmp_path_factory) -> Iterator[str]:
     """An embedded Milvus server with its data under a temporary folder; its URI."""
-    from milvus import MilvusServer
+    import milvus
 
-    base = tmp_path_factory.mktemp("milvus")
-    _share_unpacked_binaries(request, base)
-    # Every port is a free one, so test sessions running side by side get separate servers. The embedded
-    # etcd's ports are not settings of the package: they go in an etcd config file the server reads.
-    etcd_client, etcd_peer = _free_port(), _free_port()
-    etcd_config = base / "embed_etcd.yaml"
-    etcd_config.write_text(f"listen-client-urls: http://127.0.0.1:{etcd_client}\n"
-                           f"advertise-client-urls: http://127.0.0.1:{etcd_client}\n"
-                           f"listen-peer-urls: http://127.0.0.1:{etcd_peer}\n"
-                           f"initial-advertise-peer-urls: http://127.0.0.1:{etcd_peer}\n"
-                           f"initial-cluster: default=http://127.0.0.1:{etcd_peer}\n")
-    server = MilvusServer(wait_for_started=False)
-    ports = {key: _free_port() for key in server.config_keys if key.endswith("_port")}
-    server.config.update(**ports | {"etcd_port": etcd_client})
-    server.webservice_port = _free_port()  # the health endpoint; `start` keeps it when it is free
-    server.set_base_dir(str(base))
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("ETCD_CONFIG_PATH", str(etcd_config))  # read by the server process as it starts
-            server.start()
-        _wait_until_healthy(server, base / "logs")
-        yield f"http://127.0.0.1:{server.listen_port}"
-    finally:
-        server.stop()
-        if not (base / "bin").is_symlink():
-            shutil.rmtree(base / "bin", ignore_errors=True)  # 250 MB; the logs stay in pytest's temporary folders
+    # The binaries go to pytest's cache, unpacked once for every session; with -p no:cacheprovider,
+    # to the server's own folder.
+    cache = getattr(request.config, "cache", None)
+    binaries = None if cache is None else cache.mkdir(f"milvus-server-{milvus.__version__}")
+    with embedded_milvus(tmp_path_factory.mktemp("milvus"), binaries) as uri:  # the logs stay in pytest's tmp
+        yield uri
 
 
 def _stored_rows(uri: str, collection: str) -> int:
@@ -233,7 +169,7 @@ def test_mismatched_collections_and_servers_are_refused(milvus_uri, tmp_path):
         MilvusIndex.create(tmp_path / "a", 8, "m1", milvus_uri, collection="other")
     with pytest.raises(ValueError, match="collection name 'not-valid'"):
         MilvusIndex.create(tmp_path / "b", 8, "m1", milvus_uri, collection="not-valid")
-    nobody = f"http://127.0.0.1:{_free_port()}"
+    nobody = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(IndexStoreError, match=f"cannot use the Milvus server at {nobody}"):
         MilvusIndex.create(tmp_path / "b", 8, "m1", nobody)
     assert not (tmp_path / "b").exists()  # nothing written by any refused create
