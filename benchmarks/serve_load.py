@@ -3,11 +3,14 @@
 Builds (once, cached under --work) a gallery of random CSS scenes and its FAISS index with a trained
 checkpoint (the demo's TIRG by default), starts the real server in a subprocess, and sends a fixed
 number of composed queries from N client threads: gallery-id queries (the reference is an indexed
-image) and, separately, uploaded-image queries. Reports p50/p95/p99 latency, throughput and errors.
+image) and, separately, uploaded-image queries. Reports p50/p95/p99 latency, throughput and errors, for
+each index served (--indexes: the FAISS Flat index, or a copy of its vectors in Milvus, on an embedded
+server this run starts, at Strong or Bounded consistency) and each --batch-wait-ms.
 
     make demo                                          # trains runs/demo/tirg/best
     python benchmarks/serve_load.py                    # 100K images, 1-16 clients, 400 requests per row
-    python benchmarks/serve_load.py --batch-wait-ms 0  # the same without micro-batching
+    python benchmarks/serve_load.py --batch-wait-ms 0 5   # without micro-batching, then with it
+    python benchmarks/serve_load.py --indexes faiss milvus-strong milvus-bounded   # Milvus beside FAISS
     python benchmarks/serve_load.py --images 5000 --requests 100   # quick look
 """
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +41,14 @@ from machine import command_line, describe_machine, publish  # noqa: E402
 
 from cirlab.data.css import COLOURS, GRID_CELLS, SHAPES, SIZES, SceneObject, render_scene  # noqa: E402
 from cirlab.index.build import build_index  # noqa: E402
+from cirlab.index.faiss_index import FaissIndex  # noqa: E402
+from cirlab.index.milvus_embedded import embedded_milvus, free_port  # noqa: E402
 from cirlab.serve.batching import BATCH_WAIT_MS  # noqa: E402
 
 TEXTS = ("make top-left object red", "add large blue circle to middle-center", "remove the small green triangle",
          "make middle-right object large", "add small gray rectangle to bottom-left")
+SERVED = {"faiss": None, "milvus-strong": "Strong", "milvus-bounded": "Bounded"}  # --indexes: consistency
+INDEX_LABELS = {"faiss": "FAISS Flat", "milvus-strong": "Milvus FLAT, Strong", "milvus-bounded": "Milvus FLAT, Bounded"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,7 +57,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=100_000, help="gallery size")
     parser.add_argument("--work", default="runs/bench-serve-load", help="gallery, index and results")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrent clients per row")
-    parser.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS,
+    parser.add_argument("--indexes", nargs="+", choices=list(SERVED), default=["faiss"],
+                        help="what is served: the FAISS Flat index, or a Milvus copy of it at a consistency level "
+                             "(an embedded Milvus server is started for it)")
+    parser.add_argument("--batch-wait-ms", type=float, nargs="+", default=[BATCH_WAIT_MS],
                         help=f"passed to `cirlab serve --batch-wait-ms` (default: {BATCH_WAIT_MS:g}; 0: no batching)")
     parser.add_argument("--requests", type=int, default=400, help="requests per row")
     parser.add_argument("-k", type=int, default=10)
@@ -70,12 +81,6 @@ def write_gallery(folder: Path, count: int, seed: int) -> None:
         path.parent.mkdir(exist_ok=True)
         pixels = (render_scene([o.as_dict() for o in objects]) * 255).round().astype(np.uint8)
         Image.fromarray(pixels).save(path)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_up(url: str, server: subprocess.Popen, timeout: float = 300.0) -> None:
@@ -146,6 +151,43 @@ def percentile(values: list[float], q: float | str) -> float:
     return statistics.mean(values) if q == "mean" else float(np.percentile(values, q))
 
 
+def milvus_copy(source_folder: Path, folder: Path, uri: str) -> Path:
+    """A Milvus index in `folder` holding the FAISS index's vectors (same model, gallery and checkpoint)."""
+    from cirlab.index.milvus_index import MilvusIndex  # needs the extra cirlab[milvus]
+
+    shutil.rmtree(folder, ignore_errors=True)  # its collection lived on a server that is gone
+    with FaissIndex.open(source_folder) as source, MilvusIndex.create(
+            folder, source.dim, source.model_id, uri, gallery_root=source.gallery_root,
+            checkpoint=source.checkpoint) as copy:
+        ids = source.ids()
+        for start in range(0, len(ids), 50_000):
+            copy.add(ids[start:start + 50_000], source.reconstruct(ids[start:start + 50_000]))
+        copy.commit()
+    return folder
+
+
+def serve_rows(index: Path, options: list[str], by_id: list, uploads: list, clients: list[int]) -> list[tuple]:
+    """(query kind, clients, latencies, errors, seconds) of every row, against `cirlab serve INDEX OPTIONS`."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "cirlab", "serve", str(index), "--port", str(port), *options],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = []
+    try:
+        wait_until_up(url, server)
+        run_load(url, by_id[:20], 1)  # warm-up: first calls allocate buffers and fill caches
+        for kind, requests in (("gallery id", by_id), ("uploaded image", uploads)):
+            for count in clients:
+                latencies, errors, seconds = run_load(url, requests, count)
+                rows.append((kind, count, latencies, errors, seconds))
+                print(f"{' '.join(options)}: {kind}, {count} clients: p50 {percentile(latencies, 50):.1f} ms, "
+                      f"{len(latencies) / seconds:.1f} requests/s, errors {errors}", flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return rows
+
+
 def main() -> None:
     args = parse_args()
     checkpoint = Path(args.checkpoint)
@@ -164,37 +206,34 @@ def main() -> None:
     uploads = [multipart({"text": rng.choice(TEXTS), "k": str(args.k)}, (gallery / image).read_bytes())
                for image in samples]
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "cirlab", "serve", str(index), "--port", str(port),
-                               "--batch-wait-ms", f"{args.batch_wait_ms:g}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = []
-    try:
-        wait_until_up(url, server)
-        run_load(url, by_id[:20], 1)  # warm-up: first calls allocate buffers and fill caches
-        for kind, requests in (("gallery id", by_id), ("uploaded image", uploads)):
-            for clients in args.clients:
-                latencies, errors, seconds = run_load(url, requests, clients)
-                rows.append((kind, clients, latencies, errors, seconds))
-                print(f"{kind}, {clients} clients: p50 {percentile(latencies, 50):.1f} ms, errors {errors}",
-                      flush=True)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with ExitStack() as stack:
+        milvus_index = None
+        for served in args.indexes:
+            level = SERVED[served]
+            if level is not None and milvus_index is None:
+                uri = stack.enter_context(embedded_milvus(work / "milvus-server", work / "milvus-bin"))
+                milvus_index = milvus_copy(index, work / f"index-{args.images}-milvus", uri)
+            for wait in args.batch_wait_ms:
+                options = ["--batch-wait-ms", f"{wait:g}"] + (["--milvus-consistency", level] if level else [])
+                rows += [(served, wait, *row) for row in serve_rows(milvus_index if level else index, options,
+                                                                   by_id, uploads, args.clients)]
 
-    lines = [f"Serving load: `cirlab serve` on a {args.images:,}-image FAISS Flat index ({checkpoint}), "
-             f"{args.requests} requests per row, k={args.k}, batch wait {args.batch_wait_ms:g} ms, loopback HTTP", "",
-             "| query | clients | p50 ms | p95 ms | p99 ms | mean ms | requests/s | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for kind, clients, latencies, errors, seconds in rows:
+    lines = [f"Serving load: `cirlab serve` on a {args.images:,}-image index ({checkpoint}), "
+             f"{args.requests} requests per row, k={args.k}, loopback HTTP", "",
+             "| index | batch wait ms | query | clients | p50 ms | p95 ms | p99 ms | mean ms | requests/s | errors |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for served, wait, kind, clients, latencies, errors, seconds in rows:
         cells = [percentile(latencies, q) for q in (50, 95, 99)] + [percentile(latencies, "mean")]
-        lines.append(f"| {kind} | {clients} | " + " | ".join(f"{c:.1f}" for c in cells)
-                     + f" | {len(latencies) / seconds:.1f} | {errors} |")
-    lines += ["", f"machine: {describe_machine()}", f"command: {command_line()}"]
-    publish(work, "\n".join(lines), {"rows": [{"query": kind, "clients": clients, "latencies_ms": latencies,
-                                                "errors": errors, "seconds": seconds}
-                                               for kind, clients, latencies, errors, seconds in rows],
+        lines.append(f"| {INDEX_LABELS[served]} | {wait:g} | {kind} | {clients} | "
+                     + " | ".join(f"{c:.1f}" for c in cells) + f" | {len(latencies) / seconds:.1f} | {errors} |")
+    lines += ["", "FAISS Flat: exact, in the server's process; Milvus: the same vectors in an exact FLAT collection "
+              "of an embedded server on this machine (cirlab.index.milvus_embedded), at the consistency named",
+              f"machine: {describe_machine()}", f"command: {command_line()}"]
+    publish(work, "\n".join(lines), {"rows": [{"index": served, "batch_wait_ms": wait, "query": kind,
+                                                "clients": clients, "latencies_ms": latencies, "errors": errors,
+                                                "seconds": seconds}
+                                               for served, wait, kind, clients, latencies, errors, seconds in rows],
                                       "args": vars(args)})
 
 

@@ -106,10 +106,12 @@ def test_embed_speed(monkeypatch, tmp_path, one_torch_thread):
 
 def test_serve_load(monkeypatch, tiny_index, tmp_path):
     record = run_benchmark(monkeypatch, "serve_load", "--checkpoint", str(tiny_index.checkpoint), "--images", "30",
-                           "--clients", "1", "2", "--requests", "6", "--work", str(tmp_path / "work"))
+                           "--clients", "1", "2", "--requests", "6", "--indexes", "faiss", "milvus-bounded",
+                           "--batch-wait-ms", "0", "5", "--work", str(tmp_path / "work"))
     table = [row.cells for row in parse_tables(record["markdown"])]
-    assert [(cells["query"], cells["clients"]) for cells in table] == [
-        ("gallery id", "1"), ("gallery id", "2"), ("uploaded image", "1"), ("uploaded image", "2")]
+    assert [(cells["index"], cells["batch wait ms"], cells["query"], cells["clients"]) for cells in table] == [
+        (index, wait, query, clients) for index in ("FAISS Flat", "Milvus FLAT, Bounded") for wait in ("0", "5")
+        for query in ("gallery id", "uploaded image") for clients in ("1", "2")]
     assert all(cells["errors"] == "0" for cells in table)
 
 
