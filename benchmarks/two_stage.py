@@ -8,10 +8,11 @@ recall@k of the shortlisted search against exact ranking, and milliseconds per q
 score exactly (OFFSET) has no shortlist: its rows measure the first stage's factory alone.
 
 Scale (--scale-checkpoint, --sizes): latency, throughput, recall against exact, build time and memory of a
-two-stage index of N images whose target features are synthetic, of the checkpoint's shapes (L levels x d,
-unit rows from a Gaussian mixture as in search_speed.py), searched with the real query states of the
-checkpoint's evaluation queries. Memory: the first stage's FAISS file, the features file on disk (mapped,
-never read whole by a shortlisted search) and the rows one search copies out of it.
+two-stage index of N images whose target features are synthetic, of the checkpoint's shapes (L levels x d):
+each a real gallery image's features with noise added to every level (SPREAD), so the catalogue keeps the
+real images' distribution, searched with the real query states of the checkpoint's evaluation queries.
+Memory: the first stage's FAISS file, the features file on disk (mapped, never read whole by a shortlisted
+search) and the rows one search copies out of it.
 
     python benchmarks/generator_quality.py --datasets garments --models cmap --seeds 0 --iterations 1000 \\
         --out runs/bench-garments-cmap                                    # the garments CMAP checkpoint
@@ -38,7 +39,6 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import command_line, describe_machine, publish  # noqa: E402
-from search_speed import mixture  # noqa: E402
 
 from cirlab.checkpoint import load_checkpoint  # noqa: E402
 from cirlab.data.benchmarks import load_benchmark  # noqa: E402
@@ -52,6 +52,7 @@ from cirlab.models.base import CIRModel  # noqa: E402
 
 QUERY_BATCH = 64  # queries per search_many call: one encoder pass each
 NPROBE = 16  # lists an IVF first stage visits per query at scale
+SPREAD = 0.5  # noise norm of a synthetic image's level features, against their unit real centre
 
 
 @dataclass
@@ -91,8 +92,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scale-checkpoint", help="scale rows: the checkpoint whose shapes and queries are used")
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
     parser.add_argument("--scale-shortlists", type=int, nargs="+", default=[50, 200])
-    parser.add_argument("--scale-factory", default="auto",
-                        help="first stage of the scale rows (auto: IVF with nlist ~ sqrt(N), nprobe NPROBE)")
+    parser.add_argument("--scale-factories", nargs="+", default=["Flat", "auto"],
+                        help="first stages of the scale rows (auto: IVF with nlist ~ sqrt(N), nprobe NPROBE)")
     parser.add_argument("--scale-queries", type=int, default=200, help="queries for throughput and latency")
     parser.add_argument("--recall-queries", type=int, default=50, help="of those, queries also ranked exactly")
     parser.add_argument("-k", type=int, default=10)
@@ -171,22 +172,42 @@ def _query_states(model: CIRModel, evalset: EvalSet, count: int, k: int) -> tupl
     return torch.cat(states), queries
 
 
-def _synthetic_index(model: CIRModel, folder: Path, count: int, levels: int, dim: int, factory: str,
+def _real_targets(model: CIRModel, evalset: EvalSet) -> np.ndarray:
+    """The model's target features (N x L x d) of the evaluation set's gallery: the centres synthetic images
+    are drawn around."""
+    features = []
+    with torch.no_grad():
+        for start in range(0, len(evalset.gallery), QUERY_BATCH):
+            names = evalset.gallery[start:start + QUERY_BATCH]
+            pixels = torch.stack([image_tensor(load_image(evalset.image_paths[name]), model.preprocessing)
+                                  for name in names])
+            features.append(model.encode_targets(pixels).float())
+    return torch.cat(features).numpy()
+
+
+def _synthetic_features(centres: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` target features, each a random real one with every level moved by isotropic noise of norm
+    SPREAD and renormalised: a catalogue of near variants of the real images, in their distribution."""
+    picked = centres[rng.integers(len(centres), size=count)]
+    noise = rng.standard_normal(picked.shape, dtype=np.float32) * np.float32(SPREAD / math.sqrt(picked.shape[-1]))
+    moved = picked + noise
+    return moved / np.linalg.norm(moved, axis=-1, keepdims=True)
+
+
+def _synthetic_index(model: CIRModel, folder: Path, count: int, centres: np.ndarray, factory: str,
                      rng: np.random.Generator) -> tuple[FaissIndex, float]:
-    """A two-stage index of `count` synthetic images (unit level features from a Gaussian mixture)."""
+    """A two-stage index of `count` synthetic images (`_synthetic_features`), built through FaissIndex."""
     shutil.rmtree(folder, ignore_errors=True)
-    topics = rng.standard_normal((50, dim), dtype=np.float32)
-    centres = mixture(2000, topics / np.linalg.norm(topics, axis=1, keepdims=True), 1.0, rng)
+    width = centres.shape[1] * centres.shape[2]
     started = time.perf_counter()
-    index = FaissIndex.create(folder, levels * dim, "synthetic", factory=factory, feature_dim=levels * dim)
+    index = FaissIndex.create(folder, width, "synthetic", factory=factory, feature_dim=width)
     chunk = 50_000
-    for start in tqdm(range(0, count, chunk), desc=f"synthetic {count:,}", unit="chunk"):
+    for start in tqdm(range(0, count, chunk), desc=f"synthetic {count:,}, {factory}", unit="chunk"):
         size = min(chunk, count - start)
-        features = np.stack([mixture(size, centres, 0.5, rng) for _ in range(levels)], axis=1)
+        features = _synthetic_features(centres, size, rng)
         with torch.no_grad():
             vectors = model.index_vectors(torch.from_numpy(features)).numpy()
-        index.add([f"s{number:07d}" for number in range(start, start + size)], vectors,
-                  features.reshape(size, -1))
+        index.add([f"s{number:07d}" for number in range(start, start + size)], vectors, features.reshape(size, -1))
     index.commit()
     return index, time.perf_counter() - started
 
@@ -202,38 +223,45 @@ def scale_rows(checkpoint: Path, args: argparse.Namespace, work: Path) -> list[S
         raise SystemExit(f"{checkpoint}: {name} ranks by its vectors alone; search_speed.py measures that")
     evalset = load_benchmark(loaded.config).evalsets[0]
     states, queries = _query_states(model, evalset, args.scale_queries, args.k)
-    with torch.no_grad():
-        levels, dim = model.encode_targets(image_tensor(queries[0].reference, model.preprocessing)[None]).shape[1:]
+    centres = _real_targets(model, evalset)
+    levels, dim = centres.shape[1:]
     rng = np.random.default_rng(args.seed)
     rows = []
     for count in args.sizes:
-        factory = _ivf_factory(count) if args.scale_factory == "auto" else args.scale_factory
-        index, build_s = _synthetic_index(model, work / f"synthetic-{count}", count, levels, dim, factory, rng)
-        with index:
-            if factory.startswith("IVF"):
-                index.set_search_parameters(f"nprobe={NPROBE}")
-            faiss_mib = sum(p.stat().st_size for p in index.folder.glob("vectors-*.faiss")) / 2**20
-            checked = min(args.recall_queries, len(queries))
-            exact = [search_states(index, model, states[i:i + 1], queries[i:i + 1], count)[0]
-                     for i in tqdm(range(checked), desc="exact ranking", unit="query")]
-            for shortlist in args.scale_shortlists:
-                started = time.perf_counter()
-                found = search_states(index, model, states, queries, shortlist)
-                batched_qps = len(queries) / (time.perf_counter() - started)
-                times = []
-                for i in range(len(queries)):
-                    started = time.perf_counter()
-                    search_states(index, model, states[i:i + 1], queries[i:i + 1], shortlist)
-                    times.append((time.perf_counter() - started) * 1000)
-                p50, p99 = np.percentile(times, [50, 99])
-                setting = f"{factory}, nprobe {NPROBE}" if factory.startswith("IVF") else factory
-                rows.append(ScaleRow(name, count, setting, shortlist, round(build_s, 1), round(faiss_mib, 1),
-                                     round(index.info()["feature_bytes"] / 2**20, 1),
-                                     round(shortlist * levels * dim * 4 / 2**20, 2), round(batched_qps, 1),
-                                     round(float(p50), 2), round(float(p99), 2),
-                                     round(overlap_recall(exact, found[:checked]), 4), checked))
-                print(rows[-1], flush=True)
-        shutil.rmtree(work / f"synthetic-{count}", ignore_errors=True)
+        for factory in (_ivf_factory(count) if f == "auto" else f for f in args.scale_factories):
+            index, build_s = _synthetic_index(model, work / "synthetic", count, centres, factory, rng)
+            with index:
+                rows += _measure_scale(index, model, name, states, queries, factory, build_s, args)
+            shutil.rmtree(work / "synthetic", ignore_errors=True)
+    return rows
+
+
+def _measure_scale(index: FaissIndex, model: CIRModel, name: str, states: torch.Tensor, queries: list[SearchQuery],
+                   factory: str, build_s: float, args: argparse.Namespace) -> list[ScaleRow]:
+    if factory.startswith("IVF"):
+        index.set_search_parameters(f"nprobe={NPROBE}")
+    faiss_mib = sum(p.stat().st_size for p in index.folder.glob("vectors-*.faiss")) / 2**20
+    checked = min(args.recall_queries, len(queries))
+    exact = [search_states(index, model, states[i:i + 1], queries[i:i + 1], len(index))[0]
+             for i in tqdm(range(checked), desc="exact ranking", unit="query")]
+    rows = []
+    for shortlist in args.scale_shortlists:
+        started = time.perf_counter()
+        found = search_states(index, model, states, queries, shortlist)
+        batched_qps = len(queries) / (time.perf_counter() - started)
+        times = []
+        for i in range(len(queries)):
+            started = time.perf_counter()
+            search_states(index, model, states[i:i + 1], queries[i:i + 1], shortlist)
+            times.append((time.perf_counter() - started) * 1000)
+        p50, p99 = np.percentile(times, [50, 99])
+        setting = f"{factory}, nprobe {NPROBE}" if factory.startswith("IVF") else factory
+        rows.append(ScaleRow(name, len(index), setting, shortlist, round(build_s, 1), round(faiss_mib, 1),
+                             round(index.info()["feature_bytes"] / 2**20, 1),
+                             round(shortlist * index.feature_dim * 4 / 2**20, 2), round(batched_qps, 1),
+                             round(float(p50), 2), round(float(p99), 2),
+                             round(overlap_recall(exact, found[:checked]), 4), checked))
+        print(rows[-1], flush=True)
     return rows
 
 

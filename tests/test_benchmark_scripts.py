@@ -128,7 +128,8 @@ def test_two_stage_exact_rows_have_full_recall(monkeypatch, tmp_path, one_torch_
                     Vocabulary.build(["a longer dress"]))
     record = run_benchmark(monkeypatch, "two_stage", "--checkpoints", str(tmp_path / "cmap"), "--factories", "Flat",
                            "HNSW8", "--shortlists", "3", "--scale-checkpoint", str(tmp_path / "cmap"), "--sizes",
-                           "1000", "--scale-shortlists", "5", "--scale-queries", "3", "--recall-queries", "2",
+                           "1000", "--scale-factories", "auto", "--scale-shortlists", "5", "--scale-queries", "3",
+                           "--recall-queries", "2",
                            "--work", str(tmp_path / "out"))
     quality = [row.cells for row in parse_tables(record["markdown"]) if "evaluation set" in row.cells]
     exhaustive = [cells for cells in quality if cells["shortlist"].startswith("all")]
