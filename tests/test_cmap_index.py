@@ -22,7 +22,7 @@ from cirlab.index.build import build_index, list_images
 from cirlab.index.faiss_index import FaissIndex
 from cirlab.index.search import DEFAULT_SHORTLIST, SearchQuery, overlap_recall, search_index, search_many
 from cirlab.models.registry import create_model
-from cirlab.serve.app import create_app
+from cirlab.serve.app import SearchSettings, create_app
 
 TEXT = "make it red"
 TINY_CMAP = ["model.name=cmap", "model.image_backbone=resnet18", "model.image_weights=null", "model.embed_dim=8",
@@ -164,11 +164,11 @@ def test_the_cli_and_the_server_take_the_shortlist(indexed, capsys):
     assert main(["search", str(index_folder), "--id", "g03.png", "--text", TEXT, "-k", "3", "--shortlist", "2",
                  "--json"]) == 0
     assert [hit["id"] for hit in json.loads(capsys.readouterr().out)] == [name for name, _ in expected]
-    with TestClient(create_app(index_folder, checkpoint, shortlist=2)) as client:
+    with TestClient(create_app(index_folder, checkpoint, search=SearchSettings(shortlist=2))) as client:
         response = client.post("/api/search", data={"text": TEXT, "k": "3", "image_id": "g03.png"})
     assert [hit["id"] for hit in response.json()["results"]] == [name for name, _ in expected]
     with pytest.raises(SystemExit):
         main(["search", "--help"])
     assert f"default: {DEFAULT_SHORTLIST};" in " ".join(capsys.readouterr().out.split())
     with pytest.raises(ValueError, match="shortlist must be at least 1, not 0"):
-        create_app(index_folder, checkpoint, shortlist=0)
+        create_app(index_folder, checkpoint, search=SearchSettings(shortlist=0))

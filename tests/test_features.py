@@ -67,3 +67,15 @@ def test_search_parameters_reach_faiss_and_bad_ones_are_refused(tmp_path):
         assert len(index.search(_rows(1, 4, 1), 40)[1][0]) == 40 > len(before)
         with pytest.raises(ValueError, match="efSearch=8.*do not apply to this IVF2,Flat index"):
             index.set_search_parameters("efSearch=8")
+
+
+def test_open_index_applies_faiss_parameters_and_refuses_what_does_not_fit(tmp_path):
+    from cirlab.index.build import open_index
+
+    with FaissIndex.create(tmp_path / "ivf", 4, "m", factory="IVF2,Flat") as index:
+        index.add([f"i{n}" for n in range(40)], _rows(40, 4, 0))
+        index.commit()
+    with open_index(tmp_path / "ivf", faiss_params="nprobe=2") as index:
+        assert len(index.search(_rows(1, 4, 1), 40)[1][0]) == 40  # both lists visited
+    with pytest.raises(ValueError, match="efSearch=8.*do not apply to this IVF2,Flat index"):
+        open_index(tmp_path / "ivf", faiss_params="efSearch=8")

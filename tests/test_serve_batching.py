@@ -24,7 +24,7 @@ from cirlab.cli import main
 from cirlab.index.build import build_index, list_images
 from cirlab.index.faiss_index import FaissIndex
 from cirlab.index.search import Hits, search_index
-from cirlab.serve.app import create_app, decode_upload
+from cirlab.serve.app import SearchSettings, create_app, decode_upload
 from cirlab.serve.batching import MicroBatcher
 
 WAIT_MS = 200  # long enough that requests sent together surely meet in one batch
@@ -70,7 +70,8 @@ def batch_sizes() -> Iterator[list[int]]:
 
 
 def _app(index: Path, checkpoint: Path, wait_ms: float) -> FastAPI:
-    return create_app(index, checkpoint, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS, batch_wait_ms=wait_ms)
+    return create_app(index, checkpoint, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS,
+                      search=SearchSettings(batch_wait_ms=wait_ms))
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +228,7 @@ def test_an_explanation_does_not_hold_searches_up(unbatched, monkeypatch):
 def test_a_consistency_level_for_a_faiss_index_is_refused_at_startup(tiny_index, capsys):
     refusal = "a consistency level is a setting of Milvus indexes"
     with pytest.raises(ValueError, match=refusal):
-        create_app(tiny_index.index, tiny_index.checkpoint, consistency="Bounded")
+        create_app(tiny_index.index, tiny_index.checkpoint, search=SearchSettings(consistency="Bounded"))
     assert main(["serve", str(tiny_index.index), "--milvus-consistency", "Bounded"]) == 2
     assert refusal in capsys.readouterr().err
 
@@ -236,7 +237,7 @@ def test_a_consistency_level_for_a_faiss_index_is_refused_at_startup(tiny_index,
                                                   ({"max_batch": 0}, "batch size limit")])
 def test_batch_settings_are_checked(tiny_index, setting, message):
     with pytest.raises(ValueError, match=message):
-        create_app(tiny_index.index, tiny_index.checkpoint, **setting)
+        create_app(tiny_index.index, tiny_index.checkpoint, search=SearchSettings(**setting))
 
 
 def _run_batcher(items: list[int], wait_ms: float, max_batch: int) -> tuple[list[object], list[list[int]]]:

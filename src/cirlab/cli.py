@@ -26,6 +26,9 @@ def _add_search_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--milvus-consistency", metavar="LEVEL",
                         help="a Milvus index's search consistency: Strong (default: sees every acknowledged write), "
                              "Bounded (may miss the last seconds' writes), Session or Eventually")
+    parser.add_argument("--faiss-params", metavar="PARAMS",
+                        help='search settings of an approximate FAISS index, e.g. "nprobe=16" (IVF) or '
+                             '"efSearch=64" (HNSW); FAISS defaults otherwise (nprobe 1)')
 
 
 def _require_text(text: str) -> None:
@@ -173,7 +176,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
     _require_text(args.text)
     checkpoint = Path(args.checkpoint) if args.checkpoint else recorded_checkpoint(Path(args.index))
     model = load_checkpoint(checkpoint).model
-    opened = open_index(Path(args.index), model_id=model_identity(checkpoint), consistency=args.milvus_consistency)
+    opened = open_index(Path(args.index), model_id=model_identity(checkpoint), consistency=args.milvus_consistency,
+                        faiss_params=args.faiss_params)
     with opened as index:
         reference = args.id if args.id is not None else load_image(Path(args.image))
         results = search_index(index, model, reference, args.text, k=args.k,
@@ -223,11 +227,13 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
     from cirlab.index.build import recorded_checkpoint
     from cirlab.index.search import DEFAULT_SHORTLIST
-    from cirlab.serve.app import create_app
+    from cirlab.serve.app import SearchSettings, create_app
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else recorded_checkpoint(Path(args.index))
-    app = create_app(Path(args.index), checkpoint, batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch,
-                     consistency=args.milvus_consistency, shortlist=args.shortlist or DEFAULT_SHORTLIST)
+    settings = SearchSettings(batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch,
+                              shortlist=args.shortlist or DEFAULT_SHORTLIST, consistency=args.milvus_consistency,
+                              faiss_params=args.faiss_params)
+    app = create_app(Path(args.index), checkpoint, search=settings)
     print(f"serving {args.index} on http://{args.host}:{args.port} (API docs at /docs)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

@@ -119,19 +119,29 @@ def recorded_backend(folder: Path) -> str | None:
         connection.close()
 
 
-def open_index(folder: Path, model_id: str | None = None, consistency: str | None = None) -> Index:
+def open_index(folder: Path, model_id: str | None = None, consistency: str | None = None,
+               faiss_params: str | None = None) -> Index:
     """Open the index in `folder` with the backend that built it; with `model_id`, refuse another model's.
     `consistency` is the Milvus search level (`milvus_index.CONSISTENCY_LEVELS`, default Strong); a FAISS
-    index, read from its committed files, has no such choice and refuses one."""
+    index, read from its committed files, has no such choice and refuses one. `faiss_params` are a FAISS
+    index's search settings ("nprobe=16", `FaissIndex.set_search_parameters`), refused for Milvus."""
     backend = recorded_backend(folder)
     if backend is None:
         raise IndexFormatError(f"{folder}: no cirlab index here (missing or incomplete {DB_FILE})")
-    if consistency is None:
-        return _backend_class(backend).open(Path(folder), model_id=model_id)
-    if backend != "milvus":
+    if consistency is not None and backend != "milvus":
         raise ValueError(f"{folder}: a consistency level is a setting of Milvus indexes; this {backend} index "
                          "always searches its last committed state")
-    return _backend_class(backend).open(Path(folder), model_id=model_id, consistency=consistency)
+    if faiss_params is not None and backend != "faiss":
+        raise ValueError(f"{folder}: FAISS search parameters do not apply to this {backend} index")
+    options = {} if consistency is None else {"consistency": consistency}
+    index = _backend_class(backend).open(Path(folder), model_id=model_id, **options)
+    if faiss_params is not None:
+        try:
+            index.set_search_parameters(faiss_params)
+        except BaseException:
+            index.close()
+            raise
+    return index
 
 
 def _index_settings(backend: str | None, factory: str | None, milvus_uri: str | None,

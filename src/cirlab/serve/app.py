@@ -19,6 +19,7 @@ import math
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import quote
@@ -85,13 +86,26 @@ class Health(BaseModel):
     model_id: str
 
 
-def _open(index_folder: Path, checkpoint_folder: Path, consistency: str | None) -> tuple[CIRModel, Index]:
+@dataclass(frozen=True)
+class SearchSettings:
+    """How the server searches: micro-batching (`cirlab.serve.batching`), the two-stage shortlist
+    (`cirlab.index.search`), and the backend's own settings (`open_index`)."""
+
+    batch_wait_ms: float = BATCH_WAIT_MS
+    max_batch: int = MAX_BATCH
+    shortlist: int = DEFAULT_SHORTLIST
+    consistency: str | None = None   # a Milvus index's search level
+    faiss_params: str | None = None  # an approximate FAISS index's search settings, e.g. "nprobe=16"
+
+
+def _open(index_folder: Path, checkpoint_folder: Path, settings: SearchSettings) -> tuple[CIRModel, Index]:
     model = load_checkpoint(checkpoint_folder).model.eval()
     with torch.no_grad():
         # A Hugging Face fast tokenizer (MiniLM) sets its padding and truncation on its first call; made here,
         # that call cannot race between the search and the explanation threads.
         model.text_encoder(["warm up"])
-    index = open_index(index_folder, model_id=model_identity(checkpoint_folder), consistency=consistency)
+    index = open_index(index_folder, model_id=model_identity(checkpoint_folder), consistency=settings.consistency,
+                       faiss_params=settings.faiss_params)
     if index.gallery_root is None:
         index.close()
         raise ValueError(f"{index_folder}: index records no gallery folder, so there are no images to serve")
@@ -109,15 +123,17 @@ class _Engine:
     respect to a feature map, so no parameter's `.grad` is written; and MMGrad's rewinding of torch's random
     generator cannot change a search, since eval-mode passes draw no random numbers."""
 
-    def __init__(self, index_folder: Path, checkpoint_folder: Path, consistency: str | None,
-                 batch_wait_ms: float, max_batch: int, shortlist: int) -> None:
-        self._shortlist = shortlist
+    def __init__(self, index_folder: Path, checkpoint_folder: Path, settings: SearchSettings) -> None:
+        if settings.shortlist < 1:
+            raise ValueError(f"shortlist must be at least 1, not {settings.shortlist}")
+        self._shortlist = settings.shortlist
         self._searcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cirlab-search")
         self._explainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cirlab-explain")
         try:
-            self._batcher = MicroBatcher(self._search_many, self._searcher, batch_wait_ms, max_batch)
+            self._batcher = MicroBatcher(self._search_many, self._searcher, settings.batch_wait_ms,
+                                         settings.max_batch)
             self.model, self.index = self._searcher.submit(_open, index_folder, checkpoint_folder,
-                                                           consistency).result()
+                                                           settings).result()
         except BaseException:
             self._searcher.shutdown()
             self._explainer.shutdown()
@@ -230,15 +246,10 @@ async def _validation_error(_: Request, error: RequestValidationError) -> JSONRe
 
 def create_app(index_folder: Path, checkpoint_folder: Path, max_upload_bytes: int = 5 * 2**20,
                max_text_chars: int = 300, max_k: int = 100, max_pixels: int = 2048 * 2048,
-               batch_wait_ms: float = BATCH_WAIT_MS, max_batch: int = MAX_BATCH,
-               consistency: str | None = None, shortlist: int = DEFAULT_SHORTLIST) -> FastAPI:
-    """The API for one index and the checkpoint that built it, both loaded once, here. Concurrent searches
-    are gathered for up to `batch_wait_ms` (0: each runs alone) into batches of at most `max_batch`;
-    `consistency` is a Milvus index's search level (`open_index`); `shortlist` the images a two-stage
-    search (CMAP) scores exactly (`cirlab.index.search`)."""
-    if shortlist < 1:
-        raise ValueError(f"shortlist must be at least 1, not {shortlist}")
-    engine = _Engine(Path(index_folder), Path(checkpoint_folder), consistency, batch_wait_ms, max_batch, shortlist)
+               search: SearchSettings = SearchSettings()) -> FastAPI:
+    """The API for one index and the checkpoint that built it, both loaded once, here, searched as `search`
+    says (concurrent searches gathered for up to its `batch_wait_ms`, 0: each alone)."""
+    engine = _Engine(Path(index_folder), Path(checkpoint_folder), search)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
