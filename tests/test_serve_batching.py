@@ -279,3 +279,20 @@ def test_an_oversized_upload_image_is_refused_before_batching(batched, batch_siz
     response = _post(batched, {"text": TEXT, "upload": bomb})
     assert response.status_code == 413 and "1024 x 1024 pixels" in response.json()["detail"]
     assert batch_sizes == []
+
+
+def test_a_lone_client_never_waits_and_company_is_waited_for_after_a_shared_batch():
+    async def timings() -> list[float]:
+        with ThreadPoolExecutor(max_workers=1) as worker:
+            batcher = MicroBatcher(lambda batch: [2 * item for item in batch], worker, wait_ms=300, max_batch=8)
+            spent = []
+            for group in ([1], [2], [3, 4], [5], [6]):  # one request at a time, then two together
+                started = time.perf_counter()
+                await asyncio.gather(*(batcher.submit(item) for item in group))
+                spent.append(time.perf_counter() - started)
+            await batcher.close()
+        return spent
+
+    alone, alone_again, together, after_company, alone_once_more = asyncio.run(timings())
+    assert max(alone, alone_again, together, alone_once_more) < 0.15  # nobody waited for the 300 ms
+    assert after_company >= 0.29  # the batch before held two: the next request waited for others to join

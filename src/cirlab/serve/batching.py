@@ -3,7 +3,9 @@
 Each request enqueues its item and awaits a future. One collector task on the event loop takes the first
 waiting item, gathers more until `wait_ms` have passed since that item arrived or `max_batch` are in hand,
 and runs the batch on the given executor, so one model pass and one index search serve every request in
-it. Items that arrived while the previous batch ran have waited already, so they go at once.
+it. Items that arrived while the previous batch ran have waited already, so they go at once. The collector
+waits for more only when the previous batch held more than one item: a lone client, whose requests never
+overlap, is answered at once, as without batching.
 
 Each future gets its own result or exception: when the batch call raises, its items are run again one by
 one, so only a faulty item fails. Nothing here knows HTTP: a batch function maps a list of items to one
@@ -74,9 +76,11 @@ class MicroBatcher(Generic[Item, Result]):
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
+        previous = 1  # the size of the last batch run
         while True:
             batch = [await self._queue.get()]
-            deadline = batch[0].arrived + self._wait
+            # Company is waited for only when the last batch had some: a lone client never waits.
+            deadline = batch[0].arrived + (self._wait if previous > 1 else 0.0)
             while len(batch) < self._max_batch:
                 if not self._queue.empty():  # already waiting: taken even past the deadline
                     batch.append(self._queue.get_nowait())
@@ -91,6 +95,7 @@ class MicroBatcher(Generic[Item, Result]):
             live = [pending for pending in batch if not pending.future.done()]  # done: its client went away
             if not live:
                 continue
+            previous = len(live)
             try:
                 outcomes = await loop.run_in_executor(self._executor, self._answer, [p.item for p in live])
             except asyncio.CancelledError:
