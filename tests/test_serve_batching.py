@@ -286,13 +286,14 @@ def test_a_lone_client_never_waits_and_company_is_waited_for_after_a_shared_batc
         with ThreadPoolExecutor(max_workers=1) as worker:
             batcher = MicroBatcher(lambda batch: [2 * item for item in batch], worker, wait_ms=300, max_batch=8)
             spent = []
-            for group in ([1], [2], [3, 4], [5], [6]):  # one request at a time, then two together
+            for group in ([0], [1], [2], [3, 4], [5], [6]):  # one at a time, then two together
                 started = time.perf_counter()
                 await asyncio.gather(*(batcher.submit(item) for item in group))
                 spent.append(time.perf_counter() - started)
             await batcher.close()
         return spent
 
-    alone, alone_again, together, after_company, alone_once_more = asyncio.run(timings())
+    first, alone, alone_again, together, after_company, alone_once_more = asyncio.run(timings())
+    assert first >= 0.29  # before any batch has run, company is expected
     assert max(alone, alone_again, together, alone_once_more) < 0.15  # nobody waited for the 300 ms
     assert after_company >= 0.29  # the batch before held two: the next request waited for others to join

@@ -4,8 +4,8 @@ Each request enqueues its item and awaits a future. One collector task on the ev
 waiting item, gathers more until `wait_ms` have passed since that item arrived or `max_batch` are in hand,
 and runs the batch on the given executor, so one model pass and one index search serve every request in
 it. Items that arrived while the previous batch ran have waited already, so they go at once. The collector
-waits for more only when the previous batch held more than one item: a lone client, whose requests never
-overlap, is answered at once, as without batching.
+waits for more only when the previous batch held more than one item (and before the first batch): a lone
+client, whose requests never overlap, is answered at once after its first request, as without batching.
 
 Each future gets its own result or exception: when the batch call raises, its items are run again one by
 one, so only a faulty item fails. Nothing here knows HTTP: a batch function maps a list of items to one
@@ -76,10 +76,10 @@ class MicroBatcher(Generic[Item, Result]):
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
-        previous = 1  # the size of the last batch run
+        previous = 2  # the size of the last batch run; before any, company is expected
         while True:
             batch = [await self._queue.get()]
-            # Company is waited for only when the last batch had some: a lone client never waits.
+            # Company is waited for only when the last batch had some: a lone client soon stops waiting.
             deadline = batch[0].arrived + (self._wait if previous > 1 else 0.0)
             while len(batch) < self._max_batch:
                 if not self._queue.empty():  # already waiting: taken even past the deadline
