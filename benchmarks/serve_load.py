@@ -212,6 +212,7 @@ def main() -> None:
         for served in args.indexes:
             level = SERVED[served]
             if level is not None and milvus_index is None:
+                shutil.rmtree(work / "milvus-server", ignore_errors=True)  # an interrupted run's: start empty
                 uri = stack.enter_context(embedded_milvus(work / "milvus-server", work / "milvus-bin"))
                 milvus_index = milvus_copy(index, work / f"index-{args.images}-milvus", uri)
             for wait in args.batch_wait_ms:
@@ -221,11 +222,12 @@ def main() -> None:
 
     lines = [f"Serving load: `cirlab serve` on a {args.images:,}-image index ({checkpoint}), "
              f"{args.requests} requests per row, k={args.k}, loopback HTTP", "",
-             "| index | batch wait ms | query | clients | p50 ms | p95 ms | p99 ms | mean ms | requests/s | errors |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| index | batching | query | clients | p50 ms | p95 ms | p99 ms | mean ms | requests/s | errors |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for served, wait, kind, clients, latencies, errors, seconds in rows:
         cells = [percentile(latencies, q) for q in (50, 95, 99)] + [percentile(latencies, "mean")]
-        lines.append(f"| {INDEX_LABELS[served]} | {wait:g} | {kind} | {clients} | "
+        batching = f"wait {wait:g} ms" if wait else "off"
+        lines.append(f"| {INDEX_LABELS[served]} | {batching} | {kind} | {clients} | "
                      + " | ".join(f"{c:.1f}" for c in cells) + f" | {len(latencies) / seconds:.1f} | {errors} |")
     lines += ["", "FAISS Flat: exact, in the server's process; Milvus: the same vectors in an exact FLAT collection "
               "of an embedded server on this machine (cirlab.index.milvus_embedded), at the consistency named",

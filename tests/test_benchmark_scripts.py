@@ -109,9 +109,9 @@ def test_serve_load(monkeypatch, tiny_index, tmp_path):
                            "--clients", "1", "2", "--requests", "6", "--indexes", "faiss", "milvus-bounded",
                            "--batch-wait-ms", "0", "5", "--work", str(tmp_path / "work"))
     table = [row.cells for row in parse_tables(record["markdown"])]
-    assert [(cells["index"], cells["batch wait ms"], cells["query"], cells["clients"]) for cells in table] == [
-        (index, wait, query, clients) for index in ("FAISS Flat", "Milvus FLAT, Bounded") for wait in ("0", "5")
-        for query in ("gallery id", "uploaded image") for clients in ("1", "2")]
+    assert [(cells["index"], cells["batching"], cells["query"], cells["clients"]) for cells in table] == [
+        (index, batching, query, clients) for index in ("FAISS Flat", "Milvus FLAT, Bounded")
+        for batching in ("off", "wait 5 ms") for query in ("gallery id", "uploaded image") for clients in ("1", "2")]
     assert all(cells["errors"] == "0" for cells in table)
 
 

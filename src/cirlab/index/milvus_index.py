@@ -103,6 +103,12 @@ def _collection_model(client: MilvusClient, name: str, where: str) -> tuple[str,
     return model_id, dim
 
 
+def _load(client: MilvusClient, name: str) -> None:
+    """Load the collection into the server's memory where it is released: only then can it be queried."""
+    if client.get_load_state(name)["state"].name != "Loaded":
+        client.load_collection(name)
+
+
 def _create_collection(client: MilvusClient, name: str, dim: int, model_id: str) -> None:
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
                                         description=json.dumps({_MARKER: model_id}))
@@ -166,6 +172,7 @@ class MilvusIndex(StoredIds):
                     raise IndexMismatchError(f"{where}: holds vectors of model {found[0]} (dimension {found[1]}), "
                                              f"not of model {model_id} (dimension {dim}); choose another collection")
                 else:
+                    _load(client, name)  # a leftover collection may be released (a server restart does that)
                     stored = client.query(name, filter="", output_fields=["count(*)"])[0]["count(*)"]
                     if stored:
                         raise FileExistsError(f"{where}: already holds {stored} vectors of another index folder; "
@@ -233,8 +240,7 @@ class MilvusIndex(StoredIds):
                 raise IndexMismatchError(f"{self._where}: holds vectors of model {found[0]} (dimension {found[1]}), "
                                          f"but the index at {self.folder} is of model {self.model_id} "
                                          f"(dimension {dim})")
-            if self._client.get_load_state(name)["state"].name != "Loaded":
-                self._client.load_collection(name)  # released collections cannot be searched
+            _load(self._client, name)
             stored = self._client.query(name, filter=self._visible(), output_fields=["count(*)"])[0]["count(*)"]
         if stored != len(self):
             raise IndexFormatError(f"{self.folder}: index parts disagree ({len(self)} ids in {DB_FILE}, "
