@@ -1,11 +1,10 @@
 """Micro-batching: concurrent requests answered by one call of a batch function.
 
-Each request enqueues its item and awaits a future. One collector task on the event loop takes the first
-waiting item, gathers more until `wait_ms` have passed since that item arrived or `max_batch` are in hand,
-and runs the batch on the given executor, so one model pass and one index search serve every request in
-it. Items that arrived while the previous batch ran have waited already, so they go at once. The collector
-waits for more only when the previous batch held more than one item (and before the first batch): a lone
-client, whose requests never overlap, is answered at once after its first request, as without batching.
+Each request enqueues its item and awaits a future. One collector task on the event loop takes every waiting
+item, gathers more for up to `wait_ms` (or until `max_batch` are in hand) and runs the batch on the given
+executor, so one model pass and one index search serve every request in it. The collector waits only when
+the previous batch held more than one item (and before the first batch): a lone client, whose requests never
+overlap, is answered at once after its first request, as without batching.
 
 Each future gets its own result or exception: when the batch call raises, its items are run again one by
 one, so only a faulty item fails. Nothing here knows HTTP: a batch function maps a list of items to one
@@ -34,7 +33,6 @@ Result = TypeVar("Result")
 class _Pending(Generic[Item, Result]):
     item: Item
     future: asyncio.Future[Result]
-    arrived: float  # event-loop time
 
 
 class MicroBatcher(Generic[Item, Result]):
@@ -62,7 +60,7 @@ class MicroBatcher(Generic[Item, Result]):
         if self._collector is None:
             self._collector = loop.create_task(self._collect())
         future: asyncio.Future[Result] = loop.create_future()
-        self._queue.put_nowait(_Pending(item, future, loop.time()))
+        self._queue.put_nowait(_Pending(item, future))
         return await future
 
     async def close(self) -> None:
@@ -79,8 +77,11 @@ class MicroBatcher(Generic[Item, Result]):
         previous = 2  # the size of the last batch run; before any, company is expected
         while True:
             batch = [await self._queue.get()]
-            # Company is waited for only when the last batch had some: a lone client soon stops waiting.
-            deadline = batch[0].arrived + (self._wait if previous > 1 else 0.0)
+            # Company is waited for only when the last batch had some: a lone client soon stops waiting. The
+            # wait starts now, not when the first item arrived: the clients the last batch just answered are
+            # sending their next requests, and without waiting for them concurrent clients settle into
+            # alternating half-size batches (4 clients: batches of 2, 62 requests/s at any wait).
+            deadline = loop.time() + (self._wait if previous > 1 else 0.0)
             while len(batch) < self._max_batch:
                 if not self._queue.empty():  # already waiting: taken even past the deadline
                     batch.append(self._queue.get_nowait())
