@@ -24,6 +24,9 @@ the raw vectors (N x D x 4 bytes), not the server's own footprint.
     python benchmarks/search_speed.py --sizes 10000 --queries 200 --latency-queries 50    # quick look
     python benchmarks/search_speed.py --sizes 1000000 --methods hnsw                      # one method
     python benchmarks/search_speed.py --sizes 100000 --methods flat milvus                # Milvus against FAISS
+
+Models ranked in two stages (CMAP) need a checkpoint and its query states: benchmarks/two_stage.py measures
+them, at 100K and 1M, with the same columns where they apply.
 """
 
 from __future__ import annotations
