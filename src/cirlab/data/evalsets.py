@@ -104,8 +104,14 @@ class EvalSet:
 
 
 def average_variant_scores(per_variant: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
-    """Mean of the Q x G score matrices of each text variant (FashionIQ "symmetric")."""
-    return np.mean([_as_array(scores) for scores in per_variant], axis=0)
+    """Mean of the Q x G score matrices of each text variant (FashionIQ "symmetric"), summed in place: one
+    variant (most protocols) costs one float64 copy, not a stack of copies for np.mean."""
+    if not per_variant:
+        raise ValueError("no score matrices to average")
+    total = _as_array(per_variant[0])
+    for scores in per_variant[1:]:
+        total += _as_array(scores)
+    return total / len(per_variant) if len(per_variant) > 1 else total
 
 
 def _as_array(scores: np.ndarray | torch.Tensor) -> np.ndarray:
