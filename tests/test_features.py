@@ -50,7 +50,7 @@ def test_features_are_refused_where_they_do_not_fit(tmp_path):
             index.add(["a"], _rows(1, 4, 0), _rows(1, 2, 0))
         with pytest.raises(ValueError, match="2 ids for 1 rows of target features"):
             index.add(["a", "b"], _rows(2, 4, 0), _rows(1, 3, 0))
-        assert len(index) == 0 and (tmp_path / "kept" / FEATURES_FILE).stat().st_size == 0
+        assert len(index) == 0 and index.info()["feature_bytes"] == 0
     with FaissIndex.create(tmp_path / "plain", 4, "m") as index:
         with pytest.raises(ValueError, match="keeps no target features"):
             index.add(["a"], _rows(1, 4, 0), _rows(1, 3, 0))
@@ -79,3 +79,13 @@ def test_open_index_applies_faiss_parameters_and_refuses_what_does_not_fit(tmp_p
         assert len(index.search(_rows(1, 4, 1), 40)[1][0]) == 40  # both lists visited
     with pytest.raises(ValueError, match="efSearch=8.*do not apply to this IVF2,Flat index"):
         open_index(tmp_path / "ivf", faiss_params="efSearch=8")
+
+
+def test_opening_an_index_to_search_writes_no_features_file(tmp_path):
+    with FaissIndex.create(tmp_path / "index", 4, "m", feature_dim=3):
+        pass  # committed empty: no row was ever written
+    files = sorted(path.name for path in (tmp_path / "index").iterdir())
+    with FaissIndex.open(tmp_path / "index") as index:
+        assert index.info()["feature_bytes"] == 0 and len(index.search(_rows(1, 4, 0), 3)[1][0]) == 0
+    assert sorted(path.name for path in (tmp_path / "index").iterdir()) == files
+    assert FEATURES_FILE not in files

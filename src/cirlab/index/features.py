@@ -1,6 +1,6 @@
 """Full target features kept beside an index, for the exact stage of two-stage retrieval.
 
-A model with its own per-pair `score` (CMAP, OFFSET) is searched in two stages (`cirlab.index.search`): the
+A model whose score no pair of vectors gives exactly (CMAP) is searched in two stages (`cirlab.index.search`): the
 backend (any FAISS factory, or Milvus) holds one short vector per image and returns a shortlist, and the
 model's `score` ranks the shortlist over the image's full target features, which live here.
 
@@ -32,21 +32,24 @@ class FeatureStore:
         self.path = Path(folder) / FEATURES_FILE
         self.width = width
         self._row_bytes = width * _ROW_DTYPE.itemsize
-        self._mapped: np.memmap | None = None
-        self.path.touch()
+        self._mapped: np.memmap | None = None  # created by the first write: opening to search writes nothing
 
     def write(self, first_key: int, rows: np.ndarray) -> None:
         """Store `rows` (N x width) at keys first_key .. first_key + N - 1."""
         matrix = np.ascontiguousarray(rows, dtype=_ROW_DTYPE)
         if matrix.ndim != 2 or matrix.shape[1] != self.width:
             raise ValueError(f"target features: expected an N x {self.width} array, got shape {matrix.shape}")
-        with open(self.path, "r+b") as handle:
-            handle.seek(first_key * self._row_bytes)
-            handle.write(matrix.tobytes())
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(descriptor, matrix.tobytes(), first_key * self._row_bytes)
+        finally:
+            os.close(descriptor)
         self._mapped = None  # the file may have grown: map it again on the next read
 
     def sync(self) -> None:
         """Make every written row durable (the backend calls this before its commit point)."""
+        if not self.path.exists():  # nothing written yet
+            return
         descriptor = os.open(self.path, os.O_RDONLY)
         try:
             os.fsync(descriptor)
@@ -57,7 +60,7 @@ class FeatureStore:
         """The features of `keys` (N x width), copied out of the mapped file."""
         keys = np.asarray(keys, dtype=np.int64)
         if self._mapped is None:
-            count = self.path.stat().st_size // self._row_bytes
+            count = self.disk_bytes // self._row_bytes
             if not count:
                 return np.empty((len(keys), self.width), dtype=_ROW_DTYPE)
             self._mapped = np.memmap(self.path, dtype=_ROW_DTYPE, mode="r", shape=(count, self.width))
@@ -65,4 +68,4 @@ class FeatureStore:
 
     @property
     def disk_bytes(self) -> int:
-        return self.path.stat().st_size
+        return self.path.stat().st_size if self.path.exists() else 0

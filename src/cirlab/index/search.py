@@ -25,7 +25,7 @@ from cirlab.index.base import Index, IndexMismatchError, UnknownImageError
 from cirlab.models.base import CIRModel
 
 Hits = list[tuple[str, float]]  # (image id, score), best first
-DEFAULT_SHORTLIST = 200  # images a two-stage search rescores exactly; see benchmarks/search_speed.py
+DEFAULT_SHORTLIST = 200  # images a two-stage search rescores exactly; measured by benchmarks/two_stage.py
 
 
 @dataclass(frozen=True)

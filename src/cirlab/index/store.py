@@ -71,7 +71,7 @@ class StoredIds:
                            features: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         """The vectors (and target features) of new, distinct `ids` as float32 matrices; anything else is
         refused before any write."""
-        matrix = as_matrix(vectors, int(self._meta["dim"]), "vectors")
+        matrix = as_matrix(vectors, self.dim, "vectors")
         if len(ids) != len(matrix):
             raise ValueError(f"{len(ids)} ids for {len(matrix)} vectors")
         if (features is None) != (self._features is None):
@@ -87,7 +87,7 @@ class StoredIds:
         return matrix, features
 
     def _write_features(self, first_key: int, features: np.ndarray | None) -> None:
-        if self._features is not None and features is not None:
+        if features is not None:  # `_checked_additions` gave them exactly when the index keeps them
             self._features.write(first_key, features)
 
     def _sync_features(self) -> None:

@@ -143,6 +143,14 @@ class CMAP(CIRModel):
         preserved = F.normalize(preservation[:, None] * self.image_encoder(images), dim=-1)
         return torch.cat([torch.stack(text_rows, dim=1), preserved], dim=1)
 
+    @property
+    def _with_modification(self) -> bool:  # the EM term ([scores]: both or em)
+        return self.options.scores in ("both", "em")
+
+    @property
+    def _with_preservation(self) -> bool:  # the IS term ([scores]: both or is)
+        return self.options.scores in ("both", "is")
+
     def _checked_state(self, state: Tensor) -> Tensor:
         if state.dim() != 3 or state.shape[1] != QUERY_ROWS + self.levels:
             raise ValueError(f"a CMAP query state is B x {QUERY_ROWS + self.levels} x d, got {tuple(state.shape)}")
@@ -156,11 +164,9 @@ class CMAP(CIRModel):
         """Each level's exact B x N score (EM + IS), top level first."""
         state, targets = self._per_level(state, targets)
         _, transformed, modification, preservation = state[:, :QUERY_ROWS].unbind(dim=1)
-        with_modification = self.options.scores in ("both", "em")
-        with_preservation = self.options.scores in ("both", "is")
-        return [(_normalized_products(transformed, modification, targets[:, k]) if with_modification else 0)
+        return [(_normalized_products(transformed, modification, targets[:, k]) if self._with_modification else 0)
                 + (_normalized_products(state[:, QUERY_ROWS + k], preservation, targets[:, k])
-                   if with_preservation else 0)
+                   if self._with_preservation else 0)
                 for k in range(self.levels)]
 
     def score(self, queries: Tensor, targets: Tensor) -> Tensor:
@@ -183,10 +189,8 @@ class CMAP(CIRModel):
         _, transformed, modification, preservation = state[:, :QUERY_ROWS].unbind(dim=1)
         modification = modification / modification.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
         preservation = preservation / preservation.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-        with_modification = self.options.scores in ("both", "em")
-        with_preservation = self.options.scores in ("both", "is")
-        return torch.cat([(transformed * modification if with_modification else 0)
-                          + (state[:, QUERY_ROWS + k] * preservation if with_preservation else 0)
+        return torch.cat([(transformed * modification if self._with_modification else 0)
+                          + (state[:, QUERY_ROWS + k] * preservation if self._with_preservation else 0)
                           for k in range(self.levels)], dim=1)
 
     def loss_features(self, queries: Tensor, candidates: Tensor) -> tuple[Tensor, Tensor]:
