@@ -53,8 +53,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--recipe", choices=["cpu", "paper"], default="cpu")
-    parser.add_argument("--iterations", type=int, default=3000, help="training steps (cpu recipe)")
-    return parser.parse_args()
+    parser.add_argument("--iterations", type=int,
+                        help="training steps (default: 3000 with the cpu recipe, the recipe's own with paper)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run (e.g. model.image_weights=random, train.cpu_amp=false)")
+    args = parser.parse_args()
+    if args.recipe == "cpu" and args.iterations is None:
+        args.iterations = 3000
+    return args
 
 
 def recipe(args: argparse.Namespace, model: str, seed: int) -> list[str]:
@@ -63,10 +69,12 @@ def recipe(args: argparse.Namespace, model: str, seed: int) -> list[str]:
         common.insert(0, f"model.name={model}")
     if model.endswith(ORACLE):
         common += ["model.options.regions=boxes", f"model.options.region_dir={oracle_folder(args)}"]
-    if args.recipe == "paper":
-        return common
-    return common + [f"train.iterations={args.iterations}", f"train.eval_every={max(args.iterations // 3, 1)}",
-                     f"train.log_every={max(args.iterations // 100, 1)}"]
+    if args.recipe == "paper" and args.iterations is None:
+        return common + args.set
+    schedule = [f"train.iterations={args.iterations}", f"train.log_every={max(args.iterations // 100, 1)}"]
+    if args.recipe == "cpu":  # the paper recipes keep their own checkpoint selection
+        schedule.append(f"train.eval_every={max(args.iterations // 3, 1)}")
+    return common + schedule + args.set
 
 
 
@@ -143,7 +151,8 @@ def main() -> None:
             print(f"seed {seed} {model}: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()), flush=True)
 
     ks = [key for key in results[args.models[0]][0]]
-    lines = [f"CSS quality ({args.recipe} recipe" + (f", {args.iterations} steps" if args.recipe == "cpu" else "")
+    lines = [f"CSS quality ({args.recipe} recipe" + (f", {args.iterations} steps" if args.iterations else "")
+             + "".join(f", {setting}" for setting in args.set)
              + f"), mean ± std over seeds {args.seeds}, test split of {data}",
              "", "| model | " + " | ".join(ks) + " | train s/run |", "|---|" + "---:|" * (len(ks) + 1)]
     for model in args.models:

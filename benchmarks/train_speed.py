@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import command_line, describe_machine, publish  # noqa: E402
 
-from cirlab.acceleration import autocast_dtype, prepare_model  # noqa: E402
+from cirlab.acceleration import autocast_dtype, prepare_model, uses_channels_last  # noqa: E402
 from cirlab.checkpoint import load_checkpoint  # noqa: E402
 from cirlab.config import Config, load_config  # noqa: E402
 from cirlab.data.benchmarks import load_benchmark  # noqa: E402
@@ -116,7 +116,7 @@ def profile_steps(run: Path, device: torch.device, steps: int, cache: dict[str, 
     prepare_model(model, config.train, device)
     split = load_benchmark(config).train
     images = training_images(config, model, split.image_paths, device, cache)
-    forward = TrainingForward(model, autocast_dtype(config.train, device), config.train.channels_last)
+    forward = TrainingForward(model, autocast_dtype(config.train, device), uses_channels_last(config.train, device))
     optimizer = build_optimizer(model, config)
     sampler = make_sampler(config.train.sampler, split, config.train.batch_size, config.train.seed)
     # The model's own objective (CMAP's), as `train` computes it; the configured loss by default.

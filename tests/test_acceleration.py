@@ -74,7 +74,7 @@ def test_bfloat16_autocast_runs_the_layers_in_bfloat16_and_keeps_float32_weights
     optimizer = build_optimizer(model, config)
     loss_fn = partial(compute_loss, "batch_classification", generator=torch.Generator())
     train_step(TrainingForward(model, amp_dtype=torch.bfloat16), optimizer, grad_scaler(torch.bfloat16, CUDA),
-               images, texts, targets, loss_fn, DistContext(device=CUDA))
+               (images, texts, targets), loss_fn, DistContext(device=CUDA))
     assert all(parameter.dtype is torch.float32 for parameter in model.parameters())
 
 
@@ -87,7 +87,7 @@ def test_float16_training_scales_the_loss_and_updates_finite_weights():
     optimizer = build_optimizer(model, config)
     loss_fn = partial(compute_loss, "batch_classification", generator=torch.Generator())
     for _ in range(3):
-        loss = train_step(forward, optimizer, scaler, *_batch(), loss_fn, DistContext(device=CUDA))
+        loss = train_step(forward, optimizer, scaler, _batch(), loss_fn, DistContext(device=CUDA))
         assert torch.isfinite(loss)
     after = model.state_dict()
     assert all(torch.isfinite(value).all() for value in after.values())

@@ -33,7 +33,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from cirlab.acceleration import autocast_dtype, grad_scaler
+from cirlab.acceleration import grad_scaler
 from cirlab.cli import main
 from cirlab.config import load_config
 from cirlab.distributed import DistContext, process_group
@@ -47,9 +47,12 @@ WORLD = 2
 TIRG = ["model.name=tirg", "model.image_backbone=resnet18", "model.image_weights=null", "model.backbone_upto=layer1",
         "model.embed_dim=8", "train.lr=0.1"]
 TEXTS = ["make it red", "add a cube", "remove the small sphere", "move it left", "make the cube blue"]
-RUN = ["model.name=image_only", "model.image_backbone=efficientnet_lite0", "model.backbone_upto=stage3",
-       "model.pooling=flatten", "model.freeze_backbone=true", "model.embed_dim=16", "train.loss=batch_classification",
-       "train.lr=0.1", "train.log_every=1", "train.eval_every=2", "train.device=cpu", "data.val_fraction=0.2"]
+# float32 on every CPU: a bfloat16 step (train.cpu_amp, on CPUs with native bfloat16) rounds each slice's products
+# differently from the combined batch's, far beyond the tolerance of an equivalence check.
+RUN = ["train.cpu_amp=false", "model.name=image_only", "model.image_backbone=efficientnet_lite0",
+       "model.backbone_upto=stage3", "model.pooling=flatten", "model.freeze_backbone=true", "model.embed_dim=16",
+       "train.loss=batch_classification", "train.lr=0.1", "train.log_every=1", "train.eval_every=2",
+       "train.device=cpu", "data.val_fraction=0.2"]
 
 
 def _tirg_steps(ctx: DistContext, global_batch: int, steps: int = 3) -> dict[str, torch.Tensor]:
@@ -64,8 +67,8 @@ def _tirg_steps(ctx: DistContext, global_batch: int, steps: int = 3) -> dict[str
     images = torch.randn(16, 3, 16, 16, generator=data).to(ctx.device)
     for _ in range(steps):
         mine = ctx.shard(torch.randperm(16, generator=data)[:global_batch].tolist())
-        train_step(forward, optimizer, grad_scaler(None, ctx.device), images[mine], [TEXTS[i % 5] for i in mine],
-                   images[[(i + 1) % 16 for i in mine]], loss_fn, ctx)
+        train_step(forward, optimizer, grad_scaler(None, ctx.device),
+                   (images[mine], [TEXTS[i % 5] for i in mine], images[[(i + 1) % 16 for i in mine]]), loss_fn, ctx)
     return {name: value.detach().cpu().clone() for name, value in model.state_dict().items()}
 
 
@@ -196,17 +199,6 @@ def test_a_two_rank_run_is_not_resumed_by_one_process(two_ranks, tiny_css, tmp_p
     assert main([*_run_args(tiny_css, run, iterations=6, batch_size=8), "--resume"]) == 2
     assert f"{run} was trained by 2 process(es); resume it with as many, not 1" in capsys.readouterr().err
     assert (run / "metrics.jsonl").read_text() == before
-
-
-def test_mixed_precision_applies_on_cuda_only_and_names_a_bad_dtype():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
-    assert autocast_dtype(load_config(None, []).train, cuda) is torch.bfloat16
-    assert autocast_dtype(load_config(None, ["train.amp_dtype=float16"]).train, cuda) is torch.float16
-    assert autocast_dtype(load_config(None, ["train.amp_dtype=float16"]).train, cpu) is None
-    assert autocast_dtype(load_config(None, ["train.amp=false"]).train, cuda) is None
-    assert not grad_scaler(torch.bfloat16, cpu).is_enabled()  # only float16 needs loss scaling
-    with pytest.raises(ValueError, match="train.amp_dtype must be one of bfloat16, float16, got 'float8'"):
-        autocast_dtype(load_config(None, ["train.amp_dtype=float8"]).train, cpu)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -48,8 +48,8 @@ def test_a_step_minimises_the_models_own_training_loss():
     optimizer = build_optimizer(model, config)
     images = torch.randn(3, 3, 16, 16)
     before = model.normalization.scale.item()
-    loss = train_step(TrainingForward(model.eval()), optimizer, grad_scaler(None, torch.device("cpu")), images,
-                      TEXTS, images.flip(0), lambda q, c: model.training_loss(q, c, retrieval_loss="given"),
+    loss = train_step(TrainingForward(model.eval()), optimizer, grad_scaler(None, torch.device("cpu")),
+                      (images, TEXTS, images.flip(0)), lambda q, c: model.training_loss(q, c, retrieval_loss="given"),
                       DistContext(device=torch.device("cpu")))
     assert loss.item() == pytest.approx(before ** 2)
     assert seen == ["given"]

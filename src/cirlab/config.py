@@ -153,12 +153,20 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     device: str = "auto"
-    # Mixed precision on CUDA (ignored on the CPU): autocast to amp_dtype, "bfloat16" or "float16"
-    # (float16 adds a gradient scaler).
+    # Mixed precision on CUDA: autocast to amp_dtype, "bfloat16" or "float16" (float16 adds a gradient scaler).
     amp: bool = True
     amp_dtype: str = "bfloat16"
-    # CUDA only: NHWC weights and batches, the layout tensor-core convolutions run fastest on.
+    # Mixed precision on the CPU: bfloat16 autocast where the CPU has native bfloat16 (AVX512-BF16, AMX-BF16),
+    # float32 on other CPUs (cirlab.acceleration).
+    cpu_amp: bool = True
+    # NHWC weights and batches: on CUDA, and on the CPU in float32 (where oneDNN's NHWC convolutions are faster).
     channels_last: bool = True
+    # Embed each distinct image of a step once, for models whose query reads its reference image through the
+    # target feature (TIRG, Concat, the baselines, the Combiner; see CIRModel.queries_from_image_features).
+    # The loss is the same function of the same features, but BatchNorm's batch statistics come from one pass
+    # over the step's distinct images, where the TIRG code makes one pass over the references and one over the
+    # targets; false gives the code's two passes. Off with a random augmentation or MMGrad's attention term.
+    distinct_images: bool = True
     # torch.compile the image encoder (slow to start, so off by default; mainly for long GPU runs).
     compile: bool = False
     # Under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm) instead of

@@ -15,6 +15,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -92,14 +93,34 @@ def embed_targets(model: CIRModel, images: ImageBatches, device: torch.device, b
 
 
 @torch.no_grad()
+def reference_features(model: CIRModel, images: ImageBatches, references: Sequence[int], gallery: torch.Tensor,
+                       gallery_rows: dict[int, int], device: torch.device,
+                       progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a model with `composes_image_features`: the target features of every reference, as a table and each
+    reference's row in it. A reference in the gallery (`gallery_rows`: image index -> row of `gallery`) reuses
+    the gallery's feature; any other image is embedded once, however many queries it starts."""
+    missing = [image for image in dict.fromkeys(references) if image not in gallery_rows]
+    extra = embed_targets(model, images, device, progress=progress, indices=missing) if missing else gallery[:0]
+    rows = {**gallery_rows, **{image: len(gallery) + i for i, image in enumerate(missing)}}
+    return torch.cat([gallery, extra]), torch.tensor([rows[image] for image in references], device=gallery.device)
+
+
+@torch.no_grad()
 def embed_queries(model: CIRModel, split: RetrievalSplit, images: ImageBatches, device: torch.device,
-                  batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+                  batch_size: int = 256, progress: bool = True,
+                  references: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The query state of every query of `split`: composed from `references` (`reference_features`) where given,
+    else from its reference image."""
     chunks = []
     for start in tqdm(range(0, len(split.queries), batch_size), desc="embedding queries", unit="batch",
                       disable=not progress, leave=False):
         queries = split.queries[start:start + batch_size]
-        references = images.batch([q.reference for q in queries], device)
-        chunks.append(model.encode_queries(references, [q.text for q in queries]).float())
+        texts = [q.text for q in queries]
+        if references is None:
+            chunks.append(model.encode_queries(images.batch([q.reference for q in queries], device), texts).float())
+        else:
+            table, rows = references
+            chunks.append(model.queries_from_image_features(table[rows[start:start + batch_size]], texts).float())
     return torch.cat(chunks)
 
 
@@ -111,7 +132,10 @@ def embed_split(model: CIRModel, split: RetrievalSplit, images: ImageBatches, de
     model.eval()
     size = len(images) if split.gallery_size is None else split.gallery_size
     gallery = embed_targets(model, images, device, progress=progress, indices=range(size))
-    queries = embed_queries(model, split, images, device, progress=progress)
+    references = reference_features(model, images, [q.reference for q in split.queries], gallery,
+                                    {i: i for i in range(size)}, device, progress) \
+        if model.composes_image_features else None
+    queries = embed_queries(model, split, images, device, progress=progress, references=references)
     model.train(was_training)
     return queries, gallery
 
@@ -163,13 +187,20 @@ def score_evalset(model: CIRModel, evalset: EvalSet, images: ImageBatches, colum
     """The exact Q x G scores of `evalset`, in query chunks (each with its slice of the set), so a
     large benchmark never holds the whole matrix; several text variants are averaged (FashionIQ)."""
     gallery = embed_targets(model, images, device, indices=[column[i] for i in evalset.gallery], progress=progress)
+    references = [column[q.reference] for q in evalset.queries]
+    if model.composes_image_features:  # each reference's image feature once, the gallery's where it is one
+        table, rows = reference_features(model, images, references, gallery,
+                                         {column[image]: row for row, image in enumerate(evalset.gallery)},
+                                         device, progress)
     chunks = []
     for start in tqdm(range(0, len(evalset.queries), query_chunk), desc=f"scoring {evalset.benchmark}",
                       unit="chunk", disable=not progress, leave=False):
         part = dataclasses.replace(evalset, queries=evalset.queries[start:start + query_chunk])
-        references = images.batch([column[q.reference] for q in part.queries], device)
-        per_variant = [model.score(model.encode_queries(references, part.texts(v)).float(), gallery).cpu()
-                       for v in range(part.text_variants)]
+        if model.composes_image_features:
+            encode = partial(model.queries_from_image_features, table[rows[start:start + query_chunk]])
+        else:
+            encode = partial(model.encode_queries, images.batch(references[start:start + query_chunk], device))
+        per_variant = [model.score(encode(part.texts(v)).float(), gallery).cpu() for v in range(part.text_variants)]
         chunks.append((part, torch.as_tensor(average_variant_scores(per_variant))))
     return chunks
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cirlab.acceleration import autocast_dtype, grad_scaler, prepare_model, to_channels_last
+from cirlab.acceleration import autocast_dtype, grad_scaler, prepare_model, to_channels_last, uses_channels_last
 from cirlab.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from cirlab.config import Config, ConfigError
 from cirlab.data.benchmarks import css_renders, load_benchmark, refuse_training_on
@@ -129,7 +129,8 @@ def compute_loss(name: str, queries: torch.Tensor, targets: torch.Tensor,
 class TrainingForward(nn.Module):
     """A step's forward as one module, since DDP synchronises the gradients of work done inside the forward
     it wraps: query and target features (under autocast when `amp_dtype` is set), then what the model's loss
-    sees of them in float32 (`CIRModel.loss_features`: by default its learnable scaled normalisation)."""
+    sees of them in float32 (`CIRModel.loss_features`: by default its learnable scaled normalisation).
+    The references and the targets each take their own pass through the image tower, as in the TIRG code."""
 
     def __init__(self, model: CIRModel, amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> None:
         super().__init__()
@@ -137,22 +138,48 @@ class TrainingForward(nn.Module):
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
 
+    def autocast(self, device: torch.device) -> torch.autocast:
+        return torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
     def forward(self, references: torch.Tensor, texts: list[str],
                 targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channels_last:
             references, targets = to_channels_last(references), to_channels_last(targets)
-        with torch.autocast(references.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        with self.autocast(references.device):
             queries = self.model.encode_queries(references, texts)
             candidates = self.model.encode_targets(targets)
         return self.model.loss_features(queries.float(), candidates.float())
 
 
+class DistinctImagesForward(TrainingForward):
+    """The forward of `train.distinct_images`: each distinct image of the step passes the image tower once, and
+    the references' features are composed from their rows (`CIRModel.queries_from_image_features`)."""
+
+    def forward(self, images: torch.Tensor, texts: list[str], reference_rows: torch.Tensor,
+                target_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.channels_last:
+            images = to_channels_last(images)
+        with self.autocast(images.device):
+            features = self.model.encode_targets(images)
+            queries = self.model.queries_from_image_features(features[reference_rows], texts)
+        return self.model.loss_features(queries.float(), features[target_rows].float())
+
+
+def distinct_rows(references: list[int], targets: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Each image of a step once, in order of first appearance, and the rows of the references and the targets
+    among them."""
+    images = list(dict.fromkeys(references + targets))
+    row = {image: i for i, image in enumerate(images)}
+    return images, torch.tensor([row[i] for i in references]), torch.tensor([row[i] for i in targets])
+
+
 def train_step(forward: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               references: torch.Tensor, texts: list[str], targets: torch.Tensor,
-               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ctx: DistContext) -> torch.Tensor:
-    """One optimizer step on this rank's slice of the batch. The loss is that of the whole global batch
-    (features gathered from every rank, see cirlab.distributed), so its value is the same on every rank."""
-    queries, candidates = forward(references, texts, targets)
+               inputs: tuple[Any, ...], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               ctx: DistContext) -> torch.Tensor:
+    """One optimizer step on this rank's slice of the batch (`forward(*inputs)`). The loss is that of the whole
+    global batch (features gathered from every rank, see cirlab.distributed), so its value is the same on every
+    rank."""
+    queries, candidates = forward(*inputs)
     loss = loss_fn(ctx.gather_with_grad(queries), ctx.gather_with_grad(candidates))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -270,6 +297,15 @@ def _augmentation_rng(config: Config, images: ImageBatches, attention: Attention
     return torch.Generator().manual_seed(config.train.seed * 1_000 + 1 + rank)
 
 
+def distinct_images(config: Config, model: CIRModel, augment_rng: torch.Generator | None,
+                    attention: AttentionTerm | None) -> bool:
+    """Whether steps embed each distinct image once (`train.distinct_images`): for a model that composes its
+    queries from image features, and never with a random augmentation (a reference and a target that are one
+    image would share a window) or MMGrad's attention term (which differentiates each reference's own pass)."""
+    return (config.train.distinct_images and augment_rng is None and attention is None
+            and model.composes_image_features)
+
+
 def _rng_tensors(triplet_rng: torch.Generator, device: torch.device,
                  augment_rng: torch.Generator | None) -> dict[str, torch.Tensor]:
     """Every torch generator the loop draws from, for an exact resume."""
@@ -341,7 +377,9 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     augment_rng = _augmentation_rng(config, images, attention, ctx.rank)
 
     amp_dtype = autocast_dtype(config.train, device)
-    forward = ctx.wrap(TrainingForward(model, amp_dtype, config.train.channels_last), config.train.sync_batchnorm)
+    distinct = distinct_images(config, model, augment_rng, attention)
+    forward = ctx.wrap((DistinctImagesForward if distinct else TrainingForward)(
+        model, amp_dtype, uses_channels_last(config.train, device)), config.train.sync_batchnorm)
     scaler = grad_scaler(amp_dtype, device)
     if ctx.rank:  # dropout masks must differ between ranks, as they differ between one process's samples
         torch.manual_seed(config.train.seed + ctx.rank)
@@ -381,14 +419,20 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         _set_learning_rate(optimizer, config, step)
         # The whole global batch is drawn before sharding, so every rank consumes the sampler's RNG alike.
         batch = ctx.shard(train_part.draw_batch(sampler.next_batch(), sampler.rng))
-        augmenting = {} if augment_rng is None else {"generator": augment_rng}
-        references = images.batch([q.reference for q in batch], device, **augmenting)
-        targets = images.batch([q.target for q in batch], device, **augmenting)
         texts = [q.text for q in batch]
         attending = attention is not None and step >= attention.config.start_step
-        step_loss = attention.adding_to(loss_fn, model, batch, references, texts, targets, pixels,
-                                        device) if attending else loss_fn
-        loss = train_step(forward, optimizer, scaler, references, texts, targets, step_loss, ctx)
+        if distinct:
+            order, reference_rows, target_rows = distinct_rows([q.reference for q in batch], [q.target for q in batch])
+            inputs = (images.batch(order, device), texts, reference_rows.to(device), target_rows.to(device))
+            step_loss = loss_fn
+        else:
+            augmenting = {} if augment_rng is None else {"generator": augment_rng}
+            references = images.batch([q.reference for q in batch], device, **augmenting)
+            targets = images.batch([q.target for q in batch], device, **augmenting)
+            inputs = (references, texts, targets)
+            step_loss = attention.adding_to(loss_fn, model, batch, references, texts, targets, pixels,
+                                            device) if attending else loss_fn
+        loss = train_step(forward, optimizer, scaler, inputs, step_loss, ctx)
         done = step + 1
         if ctx.is_main and (done % config.train.log_every == 0 or done == config.train.iterations):
             bar.set_postfix(loss=f"{loss.item():.3f}")

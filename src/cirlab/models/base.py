@@ -69,6 +69,17 @@ class CIRModel(nn.Module, metaclass=ABCMeta):
     def encode_targets(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(images)
 
+    # Whether the query side sees its reference image only through the reference's `encode_targets` feature, so
+    # that `queries_from_image_features` gives the query states from it: an image embedded once then serves as
+    # reference and as target (training embeds each distinct image of a step once, evaluation reuses the
+    # gallery's features for references in the gallery).
+    composes_image_features = False
+
+    def queries_from_image_features(self, image_features: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """The query states of references whose `encode_targets` features are `image_features`
+        (for models with `composes_image_features`)."""
+        raise NotImplementedError(f"{type(self).__name__} reads its reference images itself: encode them")
+
     # Whether `score` is exactly <query_vectors, index_vectors>: a vector index then ranks by it, exactly or
     # approximately as its factory does. Otherwise the vectors give a two-stage search its shortlist, and
     # `score` ranks the shortlist over the full target features the index keeps (`cirlab.index.search`).
@@ -117,6 +128,11 @@ class VectorCompositionModel(CIRModel):
 
     def encode_queries(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         return self.compose(self.image_encoder(images), self.text_encoder(texts))
+
+    composes_image_features = True
+
+    def queries_from_image_features(self, image_features: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return self.compose(image_features, self.text_encoder(texts))
 
     @abstractmethod
     def compose(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

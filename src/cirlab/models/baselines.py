@@ -19,11 +19,21 @@ class ImageOnly(CIRModel):
     def encode_queries(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         return self.image_encoder(images)
 
+    composes_image_features = True
+
+    def queries_from_image_features(self, image_features: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return image_features
+
 
 class TextOnly(CIRModel):
     """The query is the text's feature; the reference image is ignored."""
 
     def encode_queries(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return self.text_encoder(texts)
+
+    composes_image_features = True
+
+    def queries_from_image_features(self, image_features: torch.Tensor, texts: list[str]) -> torch.Tensor:
         return self.text_encoder(texts)
 
 
