@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,19 @@ def describe_machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"{gpu}, Python {platform.python_version()}")
+
+
+def gemm_gflops(dtype: torch.dtype = torch.float32, n: int = 4096, repeats: int = 3) -> float:
+    """The best of `repeats` n x n matrix products in `dtype` on the CPU with torch's threads: the machine's
+    matrix rate, the limit a compute-bound benchmark is measured against."""
+    a, b = torch.randn(2, n, n, generator=torch.Generator().manual_seed(0)).to(dtype)
+    a @ b  # warm-up: thread pool, packing buffers
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2.0 * n ** 3 / best / 1e9
 
 
 def image_towers(configs: dict[str, Config]) -> str:

@@ -9,8 +9,18 @@ step (train.cache_features=false). The profile then replays `--profile-steps` st
 checkpoint on the same images and data path, timed phase by phase (data, forward, loss, backward,
 optimizer; on CUDA each phase ends in a synchronise), and names the op with the most self time.
 
+`--paper` measures the TIRG paper recipe instead (configs/css/tirg.yaml: ResNet-18 trained from pixels, batch
+32, on the full synthetic CSS; random init, since no ImageNet weights are bundled), one row per speed switch:
+float32 with two passes per step (the TIRG code's work), channels-last, distinct images, bfloat16 autocast,
+torch.compile. Each row states its FLOPs per step (torch's FlopCounterMode over forward and backward of real
+batches) and their rate as a share of the machine's matrix rate in the row's arithmetic (a 4096^3 GEMM in
+float32 or bfloat16): the limit a compute-bound step could reach. It then times `cirlab eval` of the recipe's
+checkpoint on the full CSS test split, split into decoding, embedding, scoring and ranking, once as cirlab
+evaluates (queries composed from the gallery's features) and once encoding every query's reference image.
+
     python benchmarks/train_speed.py                                   # every model, data/css-demo
     python benchmarks/train_speed.py --models tirg --steps 4 --warmup 1 --profile-steps 2   # quick look
+    python benchmarks/train_speed.py --paper --steps 100 --warmup 10 --out runs/bench-train-speed-paper
 """
 
 from __future__ import annotations
@@ -20,28 +30,51 @@ import json
 import sys
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import command_line, describe_machine, publish  # noqa: E402
+from machine import command_line, describe_machine, gemm_gflops, publish  # noqa: E402
 
-from cirlab.acceleration import autocast_dtype, prepare_model, uses_channels_last  # noqa: E402
+from cirlab import evaluate  # noqa: E402
+from cirlab.acceleration import (  # noqa: E402
+    autocast_dtype,
+    cpu_has_native_bfloat16,
+    prepare_model,
+    uses_channels_last,
+)
 from cirlab.checkpoint import load_checkpoint  # noqa: E402
+from cirlab.cli import main as cli_main  # noqa: E402
 from cirlab.config import Config, load_config  # noqa: E402
 from cirlab.data.benchmarks import load_benchmark  # noqa: E402
 from cirlab.data.css import generate_css  # noqa: E402
 from cirlab.encoders.regions import REGION_CACHE, attach_regions  # noqa: E402
+from cirlab.encoders.text import Vocabulary  # noqa: E402
 from cirlab.image_batches import CachedMaps, ImageBatches, PixelImages  # noqa: E402
 from cirlab.masks.batches import attach_masks  # noqa: E402
-from cirlab.models.registry import available_models  # noqa: E402
-from cirlab.train import LAST, METRICS, TrainingForward, build_optimizer, compute_loss, make_sampler, train  # noqa: E402
+from cirlab.models.base import VectorCompositionModel  # noqa: E402
+from cirlab.models.registry import available_models, create_model  # noqa: E402
+from cirlab.train import (  # noqa: E402
+    BEST,
+    LAST,
+    METRICS,
+    DistinctImagesForward,
+    TrainingForward,
+    build_optimizer,
+    compute_loss,
+    distinct_images,
+    make_sampler,
+    step_inputs,
+    train,
+)
 
 PHASES = ("data", "forward", "loss", "backward", "optimizer")
 
@@ -68,6 +101,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="steps before timing starts")
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    parser.add_argument("--paper", action="store_true",
+                        help="the TIRG paper recipe's speed switches and its evaluation instead (see above)")
+    parser.add_argument("--paper-data", default="data/css-full",
+                        help="CSS folder of --paper (generated with --preset full if missing)")
+    parser.add_argument("--without-compile", action="store_true",
+                        help="leave out --paper's torch.compile row (compiling takes a minute or more)")
     parser.add_argument("--out", default="runs/bench-train-speed", help="run folders and the result table")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.profile_steps < 1:
@@ -116,7 +155,9 @@ def profile_steps(run: Path, device: torch.device, steps: int, cache: dict[str, 
     prepare_model(model, config.train, device)
     split = load_benchmark(config).train
     images = training_images(config, model, split.image_paths, device, cache)
-    forward = TrainingForward(model, autocast_dtype(config.train, device), uses_channels_last(config.train, device))
+    distinct = distinct_images(config, model, augment_rng=None, attention=None)
+    forward = (DistinctImagesForward if distinct else TrainingForward)(
+        model, autocast_dtype(config.train, device), uses_channels_last(config.train, device))
     optimizer = build_optimizer(model, config)
     sampler = make_sampler(config.train.sampler, split, config.train.batch_size, config.train.seed)
     # The model's own objective (CMAP's), as `train` computes it; the configured loss by default.
@@ -127,11 +168,9 @@ def profile_steps(run: Path, device: torch.device, steps: int, cache: dict[str, 
     with profile(activities=activities) as profiler:
         for _ in range(steps):
             with phase("data", device):
-                batch = [split.queries[i] for i in sampler.next_batch()]
-                references = images.batch([q.reference for q in batch], device)
-                targets = images.batch([q.target for q in batch], device)
+                inputs = step_inputs([split.queries[i] for i in sampler.next_batch()], images, device, distinct)
             with phase("forward", device):
-                queries, candidates = forward(references, [q.text for q in batch], targets)
+                queries, candidates = forward(*inputs)
             with phase("loss", device):
                 loss = loss_fn(queries, candidates)
             with phase("backward", device):
@@ -181,8 +220,177 @@ def bench(model: str, device: str, cached: bool, args: argparse.Namespace, train
     return Row(model, device, images, round(rate, 1), slowest, top)
 
 
+PAPER_RECIPE = "configs/css/tirg.yaml"
+# One row per speed switch, as overrides of the paper recipe (whose defaults are the last row).
+PAPER_VARIANTS: dict[str, list[str]] = {
+    "two passes, no switches (the TIRG code's work)": ["train.cpu_amp=false", "train.channels_last=false",
+                                                       "train.distinct_images=false"],
+    "channels-last": ["train.cpu_amp=false", "train.distinct_images=false"],
+    "channels-last, distinct images": ["train.cpu_amp=false"],
+    "bfloat16 autocast": ["train.distinct_images=false"],
+    "bfloat16 autocast, torch.compile": ["train.distinct_images=false", "train.compile=true"],
+    "bfloat16 autocast, distinct images (the defaults)": [],
+}
+
+
+@dataclass
+class PaperRow:
+    variant: str
+    arithmetic: str
+    samples_per_s: float
+    gflop_per_step: float
+    gflop_per_s: float
+    limit_gflop_per_s: float
+
+
+@dataclass
+class EvalRow:
+    path: str
+    seconds: float  # the whole `cirlab eval`
+    phases: dict[str, float]
+
+
+def paper_config(data: Path, overrides: list[str], args: argparse.Namespace) -> Config:
+    steps = args.warmup + args.steps
+    return load_config(PAPER_RECIPE, [f"data.root={data}", "model.image_weights=random", "train.device=cpu",
+                                      f"train.iterations={steps}", f"train.eval_every={steps}", "train.log_every=1",
+                                      *overrides, *args.set])
+
+
+def step_gflop(config: Config, cache: dict[str, ImageBatches], batches: int = 4) -> float:
+    """GFLOPs of one training step as `train` runs it (forward, loss and backward of the recipe's own batches,
+    counted by FlopCounterMode; the optimizer's elementwise update is left out), averaged over `batches`."""
+    split = load_benchmark(config).train
+    device = torch.device("cpu")
+    model = create_model(config.model, Vocabulary.build(split.all_texts())).train()
+    images = training_images(config, model, split.image_paths, device, cache)
+    distinct = distinct_images(config, model, augment_rng=None, attention=None)
+    forward = (DistinctImagesForward if distinct else TrainingForward)(model, autocast_dtype(config.train, device))
+    sampler = make_sampler(config.train.sampler, split, config.train.batch_size, config.train.seed)
+    loss_fn = partial(compute_loss, config.train.loss, generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        for _ in range(batches):
+            queries, candidates = forward(*step_inputs([split.queries[i] for i in sampler.next_batch()], images,
+                                                       device, distinct))
+            model.training_loss(queries, candidates, loss_fn).backward()
+    return counter.get_total_flops() / batches / 1e9
+
+
+def arithmetic(config: Config) -> str:
+    device = torch.device("cpu")
+    dtype = autocast_dtype(config.train, device)
+    name = "float32" if dtype is None else str(dtype).removeprefix("torch.")
+    return name + (", NHWC" if uses_channels_last(config.train, device) else "")
+
+
+def paper_rows(args: argparse.Namespace, data: Path, limits: dict[str, float]) -> list[PaperRow]:
+    rows = []
+    train_cache: dict[str, ImageBatches] = {}
+    flop_cache: dict[str, ImageBatches] = {}
+    for variant, overrides in PAPER_VARIANTS.items():
+        if args.without_compile and "train.compile=true" in overrides:
+            continue
+        config = paper_config(data, overrides, args)
+        run = Path(args.out) / f"paper-{len(rows)}"
+        started = time.perf_counter()
+        train(config, run, progress=False, image_cache=train_cache, overwrite=True)
+        rate = samples_per_second(run, config.train.batch_size, args.warmup)
+        gflop = step_gflop(config, flop_cache)
+        kind = arithmetic(config)
+        rows.append(PaperRow(variant, kind, round(rate, 1), round(gflop, 1),
+                             round(rate / config.train.batch_size * gflop, 1), limits[kind.split(",")[0]]))
+        print(f"{rows[-1]} [{time.perf_counter() - started:.0f} s]", flush=True)
+    return rows
+
+
+@contextmanager
+def timing(module: Any, name: str, seconds: dict[str, float], phase_name: str):
+    """Adds the time spent in `module.name` to seconds[phase_name] while the block runs."""
+    original = getattr(module, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds[phase_name] += time.perf_counter() - started
+
+    setattr(module, name, timed)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def eval_split(checkpoint: Path, out: Path, reuse_gallery: bool) -> EvalRow:
+    """`cirlab eval` of `checkpoint`, timed as a whole and phase by phase: decoding (PixelImages), embedding
+    (the image tower over the gallery), scoring (the rest of score_evalset: query states and the score matrix)
+    and ranking (Recall@K from the scores). Without `reuse_gallery`, every query's reference is encoded again."""
+    seconds = dict.fromkeys(("decoding", "embedding", "scoring", "ranking"), 0.0)
+    with ExitStack() as stack:
+        for name, phase_name in (("PixelImages", "decoding"), ("embed_targets", "embedding"),
+                                 ("score_evalset", "scoring"), ("evalset_recall_at_k", "ranking")):
+            stack.enter_context(timing(evaluate, name, seconds, phase_name))
+        composes = VectorCompositionModel.composes_image_features
+        VectorCompositionModel.composes_image_features = reuse_gallery
+        stack.callback(setattr, VectorCompositionModel, "composes_image_features", composes)
+        started = time.perf_counter()
+        assert cli_main(["eval", str(checkpoint), "--out", str(out)]) == 0
+        total = time.perf_counter() - started
+    seconds["scoring"] -= seconds["embedding"]  # score_evalset embeds the gallery first
+    seconds["other"] = total - sum(seconds.values())
+    label = "queries from the gallery's features" if reuse_gallery else "every reference encoded"
+    return EvalRow(label, round(total, 1), {key: round(value, 1) for key, value in seconds.items()})
+
+
+def machine_limits() -> dict[str, float]:
+    """The CPU's matrix rate in each arithmetic a step can run in, GFLOP/s."""
+    return {"float32": round(gemm_gflops(torch.float32), 1), "bfloat16": round(gemm_gflops(torch.bfloat16), 1)}
+
+
+def limits_line(limits: dict[str, float]) -> str:
+    return (f"the machine's limit: GEMM (4096^3, torch, CPU) float32 {limits['float32']:.0f} GFLOP/s, bfloat16 "
+            f"{limits['bfloat16']:.0f} GFLOP/s; native bfloat16: {cpu_has_native_bfloat16()}")
+
+
+def paper_main(args: argparse.Namespace) -> None:
+    data = Path(args.paper_data)
+    if not (data / "generation.json").is_file():
+        generate_css(data, preset="full", seed=0)
+    limits = machine_limits()
+    print(limits_line(limits), flush=True)
+    rows = paper_rows(args, data, limits)
+    checkpoint = Path(args.out) / f"paper-{len(rows) - 1}" / BEST
+    evals = [eval_split(checkpoint, Path(args.out) / f"eval-{reuse}", reuse) for reuse in (True, False)]
+    first = rows[0].samples_per_s
+    test = load_benchmark(paper_config(data, [], args)).evalsets[0]
+    lines = [f"TIRG paper recipe from pixels ({PAPER_RECIPE}: ResNet-18 from random init, batch 32, {data}; "
+             f"{args.steps} steps after {args.warmup} warm-up steps), CPU", "",
+             "| switches | arithmetic | samples/s | x first row | GFLOP/step | GFLOP/s | share of the GEMM rate |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row.variant} | {row.arithmetic} | {row.samples_per_s:.1f} | {row.samples_per_s / first:.2f} "
+                     f"| {row.gflop_per_step:.1f} | {row.gflop_per_s:.1f} "
+                     f"| {row.gflop_per_s / row.limit_gflop_per_s:.0%} of {row.limit_gflop_per_s:.0f} |")
+    lines += ["", f"`cirlab eval` of the last row's checkpoint on the test split ({len(test.queries):,} queries, "
+              f"{len(test.gallery):,} gallery images), seconds", "",
+              "| path | total | decoding | embedding | scoring | ranking | other |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in evals:
+        lines.append(f"| {row.path} | {row.seconds:.1f} | " + " | ".join(f"{row.phases[key]:.1f}" for key in
+                                                                          ("decoding", "embedding", "scoring",
+                                                                           "ranking", "other")) + " |")
+    lines += ["", limits_line(limits), f"machine: {describe_machine()}", f"command: {command_line()}"]
+    publish(Path(args.out), "\n".join(lines), {"rows": [asdict(row) for row in rows],
+                                               "eval": [asdict(row) for row in evals], "gemm_gflops": limits,
+                                               "args": vars(args)})
+
+
 def main() -> None:
     args = parse_args()
+    if args.paper:
+        paper_main(args)
+        return
     data = Path(args.data)
     if not (data / "generation.json").is_file():
         generate_css(data, preset="demo", seed=0)
@@ -206,8 +414,10 @@ def main() -> None:
         rate = "" if row.samples_per_s is None else f"{row.samples_per_s:.1f}"
         lines.append(f"| {row.model} | {row.device} | {row.images} | {rate} | {row.slowest_phase} | {row.top_op} "
                      f"| {row.error} |")
-    lines += ["", f"machine: {describe_machine()}", f"command: {command_line()}"]
-    publish(Path(args.out), "\n".join(lines), {"rows": [asdict(row) for row in rows], "args": vars(args)})
+    limits = machine_limits()
+    lines += ["", limits_line(limits), f"machine: {describe_machine()}", f"command: {command_line()}"]
+    publish(Path(args.out), "\n".join(lines), {"rows": [asdict(row) for row in rows], "gemm_gflops": limits,
+                                               "args": vars(args)})
 
 
 if __name__ == "__main__":

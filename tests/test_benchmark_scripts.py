@@ -96,6 +96,21 @@ def test_train_speed(monkeypatch, tiny_css, tmp_path, one_torch_thread):
     assert all(float(cells["samples/s"]) > 0 and not cells["error"] for cells in table)
 
 
+def test_train_speed_paper_rows_count_less_work_with_distinct_images(monkeypatch, tiny_css, tmp_path,
+                                                                     one_torch_thread):
+    out = tmp_path / "out"
+    record = run_benchmark(monkeypatch, "train_speed", "--paper", "--paper-data", str(tiny_css), "--steps", "2",
+                           "--warmup", "1", "--without-compile", "--out", str(out))
+    table = rows(record)
+    two_passes = table["two passes, no switches (the TIRG code's work) float32"]
+    distinct = table["channels-last, distinct images float32, NHWC"]
+    assert float(distinct["GFLOP/step"]) < float(two_passes["GFLOP/step"])  # the pair sampler repeats sources
+    assert all(float(cells["samples/s"]) > 0 for cells in table.values() if "samples/s" in cells)
+    reused, encoded = (json.loads((out / f"eval-{reuse}.json").read_text())["metrics"] for reuse in (True, False))
+    assert reused == pytest.approx(encoded, abs=1e-6)
+    assert {"queries from the gallery's features", "every reference encoded"} <= set(table)
+
+
 def test_embed_speed(monkeypatch, tmp_path, one_torch_thread):
     record = run_benchmark(monkeypatch, "embed_speed", "--towers", "resnet18", "--size", "32", "--batch-size", "2",
                            "--batches", "1", "--devices", "cpu", "--out", str(tmp_path / "out"))

@@ -173,6 +173,19 @@ def distinct_rows(references: list[int], targets: list[int]) -> tuple[list[int],
     return images, torch.tensor([row[i] for i in references]), torch.tensor([row[i] for i in targets])
 
 
+def step_inputs(batch: list[Query], images: ImageBatches, device: torch.device, distinct: bool,
+                augment_rng: torch.Generator | None = None) -> tuple[Any, ...]:
+    """What a step's forward takes: (distinct images, texts, reference rows, target rows) for
+    `DistinctImagesForward`, else (references, texts, targets), cut by `augment_rng`'s windows where given."""
+    texts = [q.text for q in batch]
+    if distinct:
+        order, reference_rows, target_rows = distinct_rows([q.reference for q in batch], [q.target for q in batch])
+        return images.batch(order, device), texts, reference_rows.to(device), target_rows.to(device)
+    augmenting = {} if augment_rng is None else {"generator": augment_rng}
+    return (images.batch([q.reference for q in batch], device, **augmenting), texts,
+            images.batch([q.target for q in batch], device, **augmenting))
+
+
 def train_step(forward: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                inputs: tuple[Any, ...], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                ctx: DistContext) -> torch.Tensor:
@@ -419,19 +432,10 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         _set_learning_rate(optimizer, config, step)
         # The whole global batch is drawn before sharding, so every rank consumes the sampler's RNG alike.
         batch = ctx.shard(train_part.draw_batch(sampler.next_batch(), sampler.rng))
-        texts = [q.text for q in batch]
         attending = attention is not None and step >= attention.config.start_step
-        if distinct:
-            order, reference_rows, target_rows = distinct_rows([q.reference for q in batch], [q.target for q in batch])
-            inputs = (images.batch(order, device), texts, reference_rows.to(device), target_rows.to(device))
-            step_loss = loss_fn
-        else:
-            augmenting = {} if augment_rng is None else {"generator": augment_rng}
-            references = images.batch([q.reference for q in batch], device, **augmenting)
-            targets = images.batch([q.target for q in batch], device, **augmenting)
-            inputs = (references, texts, targets)
-            step_loss = attention.adding_to(loss_fn, model, batch, references, texts, targets, pixels,
-                                            device) if attending else loss_fn
+        inputs = step_inputs(batch, images, device, distinct, augment_rng)
+        # (references, texts, targets): attention never comes with distinct images
+        step_loss = attention.adding_to(loss_fn, model, batch, *inputs, pixels, device) if attending else loss_fn
         loss = train_step(forward, optimizer, scaler, inputs, step_loss, ctx)
         done = step + 1
         if ctx.is_main and (done % config.train.log_every == 0 or done == config.train.iterations):
