@@ -11,12 +11,12 @@ optimizer; on CUDA each phase ends in a synchronise), and names the op with the 
 
 `--paper` measures the TIRG paper recipe instead (configs/css/tirg.yaml: ResNet-18 trained from pixels, batch
 32, on the full synthetic CSS; random init, since no ImageNet weights are bundled), one row per speed switch:
-float32 with two passes per step (the TIRG code's work), channels-last, distinct images, bfloat16 autocast,
-torch.compile. Each row states its FLOPs per step (torch's FlopCounterMode over forward and backward of real
-batches) and their rate as a share of the machine's matrix rate in the row's arithmetic (a 4096^3 GEMM in
-float32 or bfloat16): the limit a compute-bound step could reach. It then times `cirlab eval` of the recipe's
-checkpoint on the full CSS test split, split into decoding, embedding, scoring and ranking, once as cirlab
-evaluates (queries composed from the gallery's features) and once encoding every query's reference image.
+float32 with two passes per step (the TIRG code's work), distinct images, bfloat16 autocast, torch.compile.
+Each row states its FLOPs per step (torch's FlopCounterMode over forward and backward of real batches) and
+their rate as a share of the machine's matrix rate in the row's arithmetic (a 4096^3 GEMM in float32 or
+bfloat16): the limit a compute-bound step could reach. It then times `cirlab eval` of the recipe's checkpoint
+on the full CSS test split, split into decoding, embedding, scoring and ranking, once as cirlab evaluates
+(queries composed from the gallery's features) and once encoding every query's reference image.
 
     python benchmarks/train_speed.py                                   # every model, data/css-demo
     python benchmarks/train_speed.py --models tirg --steps 4 --warmup 1 --profile-steps 2   # quick look
@@ -223,10 +223,8 @@ def bench(model: str, device: str, cached: bool, args: argparse.Namespace, train
 PAPER_RECIPE = "configs/css/tirg.yaml"
 # One row per speed switch, as overrides of the paper recipe (whose defaults are the last row).
 PAPER_VARIANTS: dict[str, list[str]] = {
-    "two passes, no switches (the TIRG code's work)": ["train.cpu_amp=false", "train.channels_last=false",
-                                                       "train.distinct_images=false"],
-    "channels-last": ["train.cpu_amp=false", "train.distinct_images=false"],
-    "channels-last, distinct images": ["train.cpu_amp=false"],
+    "two passes, no switches (the TIRG code's work)": ["train.cpu_amp=false", "train.distinct_images=false"],
+    "distinct images": ["train.cpu_amp=false"],
     "bfloat16 autocast": ["train.distinct_images=false"],
     "bfloat16 autocast, torch.compile": ["train.distinct_images=false", "train.compile=true"],
     "bfloat16 autocast, distinct images (the defaults)": [],

@@ -4,9 +4,8 @@
 On CUDA, `train.amp` autocasts to `train.amp_dtype` and `train.channels_last` puts weights and batches in NHWC.
 On the CPU, `train.cpu_amp` autocasts to bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or
 AMX-BF16, read at run time): there the bfloat16 matrix rate is a multiple of the float32 one, while elsewhere
-bfloat16 is emulated and slower, so other CPUs stay in float32. Channels-last applies on the CPU only in float32:
-oneDNN's NHWC float32 convolutions ran faster than NCHW ones, its bfloat16 ones slower (benchmarks/train_speed.py).
-`train.compile` applies wherever it is set.
+bfloat16 is emulated and slower, so other CPUs stay in float32. Channels-last stays a CUDA switch: on the CPU it
+gave no steady gain in float32 and slowed bfloat16 down. `train.compile` applies wherever it is set.
 """
 
 from __future__ import annotations
@@ -43,10 +42,8 @@ def grad_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.Gr
 
 
 def uses_channels_last(train: TrainConfig, device: torch.device) -> bool:
-    """NHWC for this run: `train.channels_last` on CUDA, and on the CPU when it trains in float32."""
-    if not train.channels_last:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and autocast_dtype(train, device) is None)
+    """NHWC for this run: `train.channels_last` on CUDA."""
+    return train.channels_last and device.type == "cuda"
 
 
 def prepare_model(model: CIRModel, train: TrainConfig, device: torch.device) -> None:
@@ -59,7 +56,7 @@ def prepare_model(model: CIRModel, train: TrainConfig, device: torch.device) -> 
 
 
 def to_channels_last(batch: torch.Tensor) -> torch.Tensor:
-    """A 4-D batch in NHWC layout, which cuDNN's tensor-core and oneDNN's float32 convolutions run fastest on."""
-    if batch.dim() == 4:
+    """A 4-D CUDA batch in NHWC layout, which cuDNN convolutions with tensor cores run fastest on."""
+    if batch.dim() == 4 and batch.device.type == "cuda":
         return batch.contiguous(memory_format=torch.channels_last)
     return batch

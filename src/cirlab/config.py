@@ -159,7 +159,7 @@ class TrainConfig:
     # Mixed precision on the CPU: bfloat16 autocast where the CPU has native bfloat16 (AVX512-BF16, AMX-BF16),
     # float32 on other CPUs (cirlab.acceleration).
     cpu_amp: bool = True
-    # NHWC weights and batches: on CUDA, and on the CPU in float32 (where oneDNN's NHWC convolutions are faster).
+    # CUDA only: NHWC weights and batches, the layout tensor-core convolutions run fastest on.
     channels_last: bool = True
     # Embed each distinct image of a step once, for models whose query reads its reference image through the
     # target feature (TIRG, Concat, the baselines, the Combiner; see CIRModel.queries_from_image_features).
