@@ -20,6 +20,9 @@ from official_tirg import rate  # noqa: E402
 from test_benchmark_scripts import rows, run_benchmark  # noqa: E402
 from tirg_shims import MODULES, call_legacy, legacy_functions, load_tirg_code, python2_range  # noqa: E402
 
+# Old-style Functions are instantiated on purpose: that is the API the shims exist for.
+pytestmark = pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
+
 STAND_IN = {
     "torch_functions.py": """
         import numpy as np
@@ -147,13 +150,15 @@ STAND_IN = {
 
 
 @pytest.fixture
-def stand_in_checkout(tmp_path):
+def stand_in_checkout(tmp_path, monkeypatch):
     folder = tmp_path / "tirg"
     folder.mkdir()
     for name, source in STAND_IN.items():
         (folder / name).write_text(textwrap.dedent(source))
+    for name in MODULES:  # the code imports these by bare name; another package's module is put back afterwards
+        monkeypatch.delitem(sys.modules, name, raising=False)
     yield folder
-    for name in MODULES:  # imported by bare name: gone again, for the next test's checkout
+    for name in MODULES:
         sys.modules.pop(name, None)
 
 
