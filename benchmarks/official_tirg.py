@@ -208,10 +208,13 @@ def table(rows: list[TrainRow], official_eval: float, cirlab_eval: EvalRow, quer
 
 def main() -> None:
     args = parse_args()
+    try:  # first: a wrong checkout is named before data generation and an hour of training
+        code = load_tirg_code(Path(args.tirg_code))
+    except (FileNotFoundError, RuntimeError) as error:
+        sys.exit(f"official_tirg.py: {error}")
     data = Path(args.data)
     if not (data / "generation.json").is_file():
         generate_css(data, preset="full", seed=0)
-    code = load_tirg_code(Path(args.tirg_code))  # first: a broken checkout fails before an hour of training
     limits = machine_limits()
     print(limits_line(limits), flush=True)
     official, official_eval = official_run(code, args)

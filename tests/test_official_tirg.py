@@ -16,6 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from official_tirg import main as official_main  # noqa: E402
 from official_tirg import rate  # noqa: E402
 from test_benchmark_scripts import rows, run_benchmark  # noqa: E402
 from tirg_shims import MODULES, call_legacy, legacy_functions, load_tirg_code, python2_range  # noqa: E402
@@ -202,10 +203,13 @@ def test_an_old_style_function_runs_its_own_forward_and_backward():
     assert x.grad.tolist() == [6.0, 24.0]  # 2 * 3 * x^2
 
 
-def test_a_folder_without_the_code_is_named(tmp_path):
+def test_a_folder_without_the_code_is_named(tmp_path, monkeypatch):
     (tmp_path / "main.py").write_text("")
     with pytest.raises(FileNotFoundError, match="not a checkout of github.com/google/tirg.*datasets.py"):
         load_tirg_code(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["official_tirg.py", "--tirg-code", str(tmp_path)])
+    with pytest.raises(SystemExit, match="official_tirg.py: .* is not a checkout"):
+        official_main()
 
 
 def test_benchmark_runs_the_stand_in_code_beside_cirlab(monkeypatch, tiny_css, stand_in_checkout, tmp_path,
