@@ -38,12 +38,8 @@ MODULES = ("torch_functions", "text_model", "img_text_composition_models", "data
 
 @dataclass(frozen=True)
 class TirgCode:
-    """The TIRG code's modules, imported from a checkout with the shims in place."""
-    folder: Path
+    """The TIRG code's entry points (its training loop and its evaluation), imported with the shims in place."""
     main: types.ModuleType
-    datasets: types.ModuleType
-    models: types.ModuleType
-    torch_functions: types.ModuleType
     test_retrieval: types.ModuleType
 
 
@@ -62,7 +58,8 @@ def python2_range(*args: int) -> list[int]:
     return list(range(*args))
 
 
-def random_init_resnet18(pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
+def random_init_resnet18(pretrained: bool = True, **kwargs: Any) -> torch.nn.Module:
+    """ResNet-18 from random init, whatever `pretrained` asks for (see the module's docstring)."""
     return torchvision.models.resnet18(weights=None, **kwargs)
 
 
@@ -143,8 +140,7 @@ def load_tirg_code(folder: Path) -> TirgCode:
     modules["datasets"].np = Overlay(numpy, load=functools.partial(numpy.load, allow_pickle=True))
     for function in legacy_functions(modules["torch_functions"]):
         function.__call__ = call_legacy
-    return TirgCode(folder, modules["main"], modules["datasets"], models, modules["torch_functions"],
-                    modules["test_retrieval"])
+    return TirgCode(modules["main"], modules["test_retrieval"])
 
 
 def _same_object(self: Any, *args: Any, **kwargs: Any) -> Any:
