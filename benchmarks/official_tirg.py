@@ -42,11 +42,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import command_line, describe_machine, publish  # noqa: E402
 from tirg_shims import TirgCode, load_tirg_code, tirg_runtime  # noqa: E402
-from train_speed import EvalRow, eval_split, limits_line, machine_limits  # noqa: E402
+from train_speed import (  # noqa: E402
+    EvalRow,
+    eval_split,
+    limits_line,
+    logged_step_seconds,
+    machine_limits,
+    rate,
+)
 
 from cirlab.config import load_config  # noqa: E402
 from cirlab.data.css import generate_css  # noqa: E402
-from cirlab.train import BEST, METRICS, train  # noqa: E402
+from cirlab.train import BEST, train  # noqa: E402
 
 RECIPE = "configs/css/tirg.yaml"
 CODE_ARITHMETIC = ["train.cpu_amp=false", "train.distinct_images=false"]
@@ -86,12 +93,6 @@ def code_version(folder: Path) -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-
-
-def rate(seconds: list[float], batch_size: int, first: int, last: int) -> float:
-    """Samples/s over steps first+1 .. last, from each step's end time (seconds since the loop started)."""
-    start = seconds[first - 1] if first else 0.0
-    return batch_size * (last - first) / (seconds[last - 1] - start)
 
 
 def seed_everything(seed: int) -> None:
@@ -173,8 +174,7 @@ def cirlab_run(label: str, steps: int, overrides: list[str], args: argparse.Name
     run = Path(args.out) / f"cirlab-{len(overrides)}-{steps}"
     seed_everything(args.seed)
     train(config, run, progress=False, overwrite=True)
-    seconds = [record["seconds"] for record in map(json.loads, (run / METRICS).read_text().splitlines())
-               if "loss" in record]
+    seconds = logged_step_seconds(run)
     batch = config.train.batch_size
     row = TrainRow(label, len(seconds), rate(seconds, batch, args.warmup, args.short_steps),
                    rate(seconds, batch, 0, len(seconds)), {})

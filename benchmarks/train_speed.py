@@ -114,12 +114,22 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def logged_step_seconds(run: Path) -> list[float]:
+    """Each step's end time (seconds since the loop started), as `train` logs it with log_every=1."""
+    return [record["seconds"] for record in map(json.loads, (run / METRICS).read_text().splitlines())
+            if "loss" in record]
+
+
+def rate(seconds: list[float], batch_size: int, first: int, last: int) -> float:
+    """Samples/s over steps first+1 .. last, from each step's end time (seconds since the loop started)."""
+    start = seconds[first - 1] if first else 0.0
+    return batch_size * (last - first) / (seconds[last - 1] - start)
+
+
 def samples_per_second(run: Path, batch_size: int, warmup: int) -> float:
-    """From the per-step timestamps (seconds since the loop started) that `train` logs with log_every=1."""
-    seconds = [record["seconds"] for record in map(json.loads, (run / METRICS).read_text().splitlines())
-               if "loss" in record]
-    start = seconds[warmup - 1] if warmup else 0.0
-    return batch_size * (len(seconds) - warmup) / (seconds[-1] - start)
+    """The rate of a `train` run after its first `warmup` steps."""
+    seconds = logged_step_seconds(run)
+    return rate(seconds, batch_size, warmup, len(seconds))
 
 
 @contextmanager

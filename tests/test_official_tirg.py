@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from official_tirg import main as official_main  # noqa: E402
-from official_tirg import rate  # noqa: E402
 from test_benchmark_scripts import rows, run_benchmark  # noqa: E402
 from tirg_shims import MODULES, call_legacy, legacy_functions, load_tirg_code, python2_range  # noqa: E402
+from train_speed import rate  # noqa: E402
 
 # Old-style Functions are instantiated on purpose: that is the API the shims exist for.
 pytestmark = pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
