@@ -15,7 +15,6 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -105,22 +104,29 @@ def reference_features(model: CIRModel, images: ImageBatches, references: Sequen
     return torch.cat([gallery, extra]), torch.tensor([rows[image] for image in references], device=gallery.device)
 
 
+QueryEncoder = Callable[[slice, list[str]], torch.Tensor]
+
+
+def query_encoder(model: CIRModel, images: ImageBatches, references: Sequence[int], gallery: torch.Tensor,
+                  gallery_rows: dict[int, int], device: torch.device, progress: bool = True) -> QueryEncoder:
+    """`encode(part, texts)`: the query states of `references[part]` with `texts`. A model with
+    `composes_image_features` composes them from image features embedded once (`reference_features`, reusing the
+    gallery's); any other model encodes each slice's reference images."""
+    if model.composes_image_features:
+        table, rows = reference_features(model, images, references, gallery, gallery_rows, device, progress)
+        return lambda part, texts: model.queries_from_image_features(table[rows[part]], texts).float()
+    return lambda part, texts: model.encode_queries(images.batch(list(references[part]), device), texts).float()
+
+
 @torch.no_grad()
-def embed_queries(model: CIRModel, split: RetrievalSplit, images: ImageBatches, device: torch.device,
-                  batch_size: int = 256, progress: bool = True,
-                  references: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """The query state of every query of `split`: composed from `references` (`reference_features`) where given,
-    else from its reference image."""
+def embed_queries(split: RetrievalSplit, encode: QueryEncoder, batch_size: int = 256,
+                  progress: bool = True) -> torch.Tensor:
+    """The query state of every query of `split`, by `encode` (`query_encoder`), in batches."""
     chunks = []
     for start in tqdm(range(0, len(split.queries), batch_size), desc="embedding queries", unit="batch",
                       disable=not progress, leave=False):
-        queries = split.queries[start:start + batch_size]
-        texts = [q.text for q in queries]
-        if references is None:
-            chunks.append(model.encode_queries(images.batch([q.reference for q in queries], device), texts).float())
-        else:
-            table, rows = references
-            chunks.append(model.queries_from_image_features(table[rows[start:start + batch_size]], texts).float())
+        part = slice(start, start + batch_size)
+        chunks.append(encode(part, [q.text for q in split.queries[part]]))
     return torch.cat(chunks)
 
 
@@ -132,10 +138,9 @@ def embed_split(model: CIRModel, split: RetrievalSplit, images: ImageBatches, de
     model.eval()
     size = len(images) if split.gallery_size is None else split.gallery_size
     gallery = embed_targets(model, images, device, progress=progress, indices=range(size))
-    references = reference_features(model, images, [q.reference for q in split.queries], gallery,
-                                    {i: i for i in range(size)}, device, progress) \
-        if model.composes_image_features else None
-    queries = embed_queries(model, split, images, device, progress=progress, references=references)
+    encode = query_encoder(model, images, [q.reference for q in split.queries], gallery,
+                           {i: i for i in range(size)}, device, progress)
+    queries = embed_queries(split, encode, progress=progress)
     model.train(was_training)
     return queries, gallery
 
@@ -187,20 +192,14 @@ def score_evalset(model: CIRModel, evalset: EvalSet, images: ImageBatches, colum
     """The exact Q x G scores of `evalset`, in query chunks (each with its slice of the set), so a
     large benchmark never holds the whole matrix; several text variants are averaged (FashionIQ)."""
     gallery = embed_targets(model, images, device, indices=[column[i] for i in evalset.gallery], progress=progress)
-    references = [column[q.reference] for q in evalset.queries]
-    if model.composes_image_features:  # each reference's image feature once, the gallery's where it is one
-        table, rows = reference_features(model, images, references, gallery,
-                                         {column[image]: row for row, image in enumerate(evalset.gallery)},
-                                         device, progress)
+    encode = query_encoder(model, images, [column[q.reference] for q in evalset.queries], gallery,
+                           {column[image]: row for row, image in enumerate(evalset.gallery)}, device, progress)
     chunks = []
     for start in tqdm(range(0, len(evalset.queries), query_chunk), desc=f"scoring {evalset.benchmark}",
                       unit="chunk", disable=not progress, leave=False):
-        part = dataclasses.replace(evalset, queries=evalset.queries[start:start + query_chunk])
-        if model.composes_image_features:
-            encode = partial(model.queries_from_image_features, table[rows[start:start + query_chunk]])
-        else:
-            encode = partial(model.encode_queries, images.batch(references[start:start + query_chunk], device))
-        per_variant = [model.score(encode(part.texts(v)).float(), gallery).cpu() for v in range(part.text_variants)]
+        rows = slice(start, start + query_chunk)
+        part = dataclasses.replace(evalset, queries=evalset.queries[rows])
+        per_variant = [model.score(encode(rows, part.texts(v)), gallery).cpu() for v in range(part.text_variants)]
         chunks.append((part, torch.as_tensor(average_variant_scores(per_variant))))
     return chunks
 
